@@ -1,0 +1,49 @@
+# Every target runs inside one virtualenv that `setup` creates once and reuses.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+DATASET ?= demo
+ROOT ?= data/$(DATASET)
+OUT ?= out/$(DATASET)
+ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup shards test test-fast lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "  variables: DATASET=$(DATASET) ROOT=$(ROOT) OUT=$(OUT) ARGS='key=value ...'"
+
+setup: $(STAMP) ## create .venv and install the project with pinned versions (idempotent)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install -c constraints.txt -e '.[cpu,dev]'
+	touch $(STAMP)
+
+shards: setup ## build shards: DATASET=demo|vfhq|celebvhq ROOT=<dataset folder> OUT=<output folder>
+	$(BIN)/python -m pipeline build --dataset $(DATASET) --root $(ROOT) --out $(OUT) $(ARGS)
+
+test: setup ## run every test, the slow end-to-end ones included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## unit tests only
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup ## ruff format --check and ruff check
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup ## apply ruff format and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup ## run the benchmarks (JSON on stdout)
+	$(BIN)/python benchmarks/shard_build.py
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf out data .pytest_cache

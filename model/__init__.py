@@ -1,0 +1,1 @@
+"""The MegActor diffusion model and its sampling pipeline, built on diffusers."""

@@ -1,0 +1,1 @@
+"""The trainer: shards streamed into MegActor with Ray Train."""
