@@ -1,0 +1,220 @@
+"""One shard build: scan the source, plan the manifest, run the DAG for what is not built yet, report.
+
+Output folder layout:
+    build.json          the recipe (settings that change samples) and the last run's summary
+    manifest.parquet    one row per clip segment, with its bucket
+    shards/             shard-<hash>.tar, .index.parquet, .stats.json (the commit marker)
+    index.parquet       every committed sample (merged index parts)
+    failures.parquet    clip_id, dataset, key, stage, error, message of every clip that failed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.config import BuildConfig
+from pipeline.manifest import build_manifest
+from pipeline.sources import scan_source
+from pipeline.writer import (
+    atomic_write_bytes,
+    atomic_write_parquet,
+    committed_keys,
+    merge_index,
+    read_stats,
+    remove_uncommitted,
+    write_failures,
+)
+
+log = logging.getLogger(__name__)
+
+# Settings that change what a sample holds: a rerun with other values would mix two recipes.
+RECIPE_FIELDS = ("dataset", "resolution", "max_frames", "min_frames", "crop_scale", "mix", "seed", "video")
+
+
+class RecipeMismatch(RuntimeError):
+    pass
+
+
+@dataclass
+class BuildSummary:
+    clips_in: int  # clips the source lists (usable or not)
+    segments: int  # samples the manifest plans
+    skipped: int  # samples already in committed shards
+    written: int  # samples written by this run
+    failed_clips: int  # clips with a failure record
+    shards_written: int
+    shards_total: int
+    bytes_written: int
+    bytes_total: int
+    seconds: float
+    failure_fraction: float
+
+    def lines(self) -> list[str]:
+        return [
+            f"clips in {self.clips_in}, samples planned {self.segments}",
+            f"samples written {self.written}, already built {self.skipped}, clips failed {self.failed_clips}"
+            f" ({100 * self.failure_fraction:.1f} %)",
+            f"shards written {self.shards_written} (total {self.shards_total}),"
+            f" bytes written {self.bytes_written / 2**20:.1f} MiB (total {self.bytes_total / 2**20:.1f} MiB)",
+            f"seconds {self.seconds:.1f}",
+        ]
+
+
+def _recipe(config: BuildConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    return {name: data[name] for name in RECIPE_FIELDS}
+
+
+def _check_recipe(out: Path, config: BuildConfig) -> None:
+    path = out / "build.json"
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text()).get("recipe", {})
+    wanted = _recipe(config)
+    changed = {k: (previous.get(k), wanted[k]) for k in wanted if previous.get(k) != wanted[k]}
+    if changed and (out / "shards").is_dir() and any((out / "shards").glob("*.stats.json")):
+        details = "; ".join(
+            f"{k}: built with {old!r}, asked for {new!r}" for k, (old, new) in changed.items()
+        )
+        raise RecipeMismatch(
+            f"{out} was built with another recipe ({details}). Mixing recipes in one shard set would "
+            "corrupt it silently: use another --out, or --overwrite to start over."
+        )
+
+
+def _clear_outputs(out: Path) -> None:
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    for name in ("index.parquet", "failures.parquet", "manifest.parquet", "build.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _failure_rows(failures) -> list[dict[str, str]]:
+    return [
+        {
+            "clip_id": f.clip_id,
+            "dataset": f.dataset,
+            "key": "",
+            "stage": f.stage,
+            "error": f.error,
+            "message": f.message,
+        }
+        for f in failures
+    ]
+
+
+def run_build(config: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildSummary:
+    """Build (or finish building) the shard set of `config` in config.out."""
+    started = time.perf_counter()
+    out = Path(config.out)
+    shards_dir = out / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".build.lock", "w")  # noqa: SIM115 - held for the whole build
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise RuntimeError(f"another build is writing to {out}") from exc
+    try:
+        return _build_locked(config, out, shards_dir, overwrite, progress, started)
+    finally:
+        lock.close()
+
+
+def _build_locked(
+    config: BuildConfig, out: Path, shards_dir: Path, overwrite: bool, progress: bool, started: float
+) -> BuildSummary:
+    if overwrite:
+        _clear_outputs(out)
+        shards_dir.mkdir(parents=True, exist_ok=True)
+    _check_recipe(out, config)
+    removed = remove_uncommitted(shards_dir)
+    if removed:
+        log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
+    scan = scan_source(config)
+    manifest, manifest_failures = build_manifest(scan, config)
+    atomic_write_parquet(out / "manifest.parquet", manifest)
+    done = committed_keys(shards_dir)
+    todo = manifest[~manifest["key"].isin(done)].reset_index(drop=True)
+    failures = _failure_rows(scan.failures + manifest_failures)
+    stats_before = {s["shard"] for s in read_stats(shards_dir)}
+    log.info(
+        "%d clips, %d samples planned, %d already built, %d to build",
+        len(scan.records) + len(scan.failures),
+        len(manifest),
+        len(manifest) - len(todo),
+        len(todo),
+    )
+    _write_build_json(out, config, None)
+    if len(todo):
+        failures += _run_dag(todo, config, shards_dir, progress)
+    index = merge_index(out, shards_dir)
+    failure_frame = write_failures(out, failures)
+    stats = read_stats(shards_dir)
+    new_stats = [s for s in stats if s["shard"] not in stats_before]
+    clips_in = len(scan.records) + len(scan.failures)
+    failed_clips = failure_frame[["dataset", "clip_id"]].drop_duplicates().shape[0]
+    summary = BuildSummary(
+        clips_in=clips_in,
+        segments=len(manifest),
+        skipped=len(manifest) - len(todo),
+        written=sum(s["samples"] for s in new_stats),
+        failed_clips=failed_clips,
+        shards_written=len(new_stats),
+        shards_total=len(stats),
+        bytes_written=sum(s["bytes"] for s in new_stats),
+        bytes_total=sum(s["bytes"] for s in stats),
+        seconds=time.perf_counter() - started,
+        failure_fraction=failed_clips / clips_in if clips_in else 0.0,
+    )
+    if len(index) != sum(s["samples"] for s in stats):
+        held = sum(s["samples"] for s in stats)
+        raise RuntimeError(f"index has {len(index)} rows but the committed shards hold {held} samples")
+    _write_build_json(out, config, summary)
+    return summary
+
+
+def _run_dag(
+    todo: pd.DataFrame, config: BuildConfig, shards_dir: Path, progress: bool
+) -> list[dict[str, str]]:
+    """Run the Ray Data plan over `todo`; returns the failure rows of samples that did not make it."""
+    from pipeline.dag import build_dataset, init_ray  # Ray is imported only when there is work
+
+    init_ray(config.num_cpus)
+    failures: list[dict[str, str]] = []
+    dataset = build_dataset(todo, config, str(shards_dir.resolve()))
+    with tqdm(total=len(todo), unit="sample", desc="shards", disable=not progress) as bar:
+        for row in dataset.iter_rows():
+            if row["status"] == "failed":
+                failures.append(
+                    {
+                        "clip_id": row["clip_id"],
+                        "dataset": row["dataset"],
+                        "key": row["key"],
+                        "stage": row["error_stage"],
+                        "error": row["error"],
+                        "message": row["message"],
+                    }
+                )
+            bar.update(1)
+    return failures
+
+
+def _write_build_json(out: Path, config: BuildConfig, summary: BuildSummary | None) -> None:
+    data = {
+        "pipeline_version": __version__,
+        "recipe": _recipe(config),
+        "config": dataclasses.asdict(config),
+        "last_run": dataclasses.asdict(summary) if summary else None,
+    }
+    atomic_write_bytes(out / "build.json", json.dumps(data, indent=1, sort_keys=True).encode())

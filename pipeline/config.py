@@ -1,0 +1,186 @@
+"""Build configuration: YAML files -> typed dataclasses, with `key=value` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "data"
+DATASETS = ("demo", "vfhq", "celebvhq")
+BUCKETS = ("real", "swap", "style")
+
+
+@dataclass
+class VideoConfig:
+    """H.264 settings of every video written to the shards."""
+
+    crf: int = 18
+    preset: str = "veryfast"
+    gop: int = 16  # a short GOP keeps the trainer's random access cheap
+    threads: int = 1
+
+
+@dataclass
+class VfhqConfig:
+    meta_dir: str = "meta_info"  # one Clip+...txt per clip
+    frames_dir: str = "frames"  # <clip name>/ of PNGs, or <clip name>.zip
+
+
+@dataclass
+class CelebvhqConfig:
+    info_file: str = "celebvhq_info.json"
+    videos_dir: str = "videos"  # <clip_id>.mp4 as cut and cropped by the official script
+
+
+@dataclass
+class DemoConfig:
+    """The generated look-alike dataset (both formats) used by `make shards` and the tests."""
+
+    identities: int = 6
+    vfhq_clips: int = 6
+    celebvhq_clips: int = 6
+    min_frames: int = 36
+    max_frames: int = 90
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    """One annotator in the DAG and the resources it gets (see pipeline/stages/base.py)."""
+
+    name: str
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    batch_size: int = 1
+    pool_size: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildConfig:
+    dataset: str = "demo"
+    root: str = ""
+    out: str = ""
+    resolution: int = 512
+    max_frames: int = 240  # long enough for a stage-2 sample: 16 frames at stride 12 span 181
+    min_frames: int = 16
+    crop_scale: float = 1.8  # square side = scale x the union of the clip's face boxes
+    mix: dict[str, float] = field(default_factory=lambda: {"real": 0.5, "swap": 0.4, "style": 0.1})
+    seed: int = 0
+    samples_per_shard: int = 64
+    max_failure_fraction: float = 0.1  # above it the run exits non-zero (its shards stay committed)
+    num_cpus: int | None = None  # local Ray only; None = every core
+    video: VideoConfig = field(default_factory=VideoConfig)
+    vfhq: VfhqConfig = field(default_factory=VfhqConfig)
+    celebvhq: CelebvhqConfig = field(default_factory=CelebvhqConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.resolution <= 0 or self.resolution % 16:
+            raise ValueError(f"resolution must be a positive multiple of 16, got {self.resolution}")
+        if not 0 < self.min_frames <= self.max_frames:
+            raise ValueError(f"need 0 < min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
+        if set(self.mix) != set(BUCKETS):
+            raise ValueError(f"mix must name exactly {BUCKETS}, got {sorted(self.mix)}")
+        if any(v < 0 for v in self.mix.values()) or abs(sum(self.mix.values()) - 1.0) > 1e-6:
+            raise ValueError(f"mix shares must be >= 0 and sum to 1, got {self.mix}")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.crop_scale < 1.0:
+            raise ValueError(f"crop_scale must be >= 1, got {self.crop_scale}")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Turn a YAML value into the dataclass field's type, recursing into nested dataclasses."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {k: _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "mix":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`a.b=1 mix={real: 1, swap: 0, style: 0}` -> nested dict; values are parsed as YAML."""
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return result
+
+
+def load_build_config(
+    dataset: str,
+    config_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    **fields: Any,
+) -> BuildConfig:
+    """Defaults <- configs/data/<dataset>.yaml (or `config_path`) <- explicit fields <- key=value overrides."""
+    path = Path(config_path) if config_path else CONFIG_DIR / f"{dataset}.yaml"
+    data: dict[str, Any] = {}
+    if path.exists():
+        data = yaml.safe_load(path.read_text()) or {}
+    elif config_path:
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = _deep_merge(data, {"dataset": dataset})
+    data = _deep_merge(data, {k: v for k, v in fields.items() if v is not None})
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    config = _from_dict(BuildConfig, data)
+    config.validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,66 @@
+"""The Ray Data plan: manifest rows -> decode/crop -> annotators -> encode -> shard writer.
+
+This file only wires steps together; each step lives in its own module. Runs on local Ray by default
+and on a cluster when RAY_ADDRESS is set (or inside `ray job submit`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import pandas as pd
+import ray
+from ray.data import ActorPoolStrategy
+
+from pipeline.config import BuildConfig
+from pipeline.segment import decode_segment
+from pipeline.stages.base import get_stage, guarded
+from pipeline.video import EncodeSettings
+from pipeline.writer import as_writer_row, encode_members, write_shard_batch
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None) -> None:
+    """Join RAY_ADDRESS's cluster (or the job's), else start a private local Ray on loopback."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
+        )
+
+
+def _decode_step(config: BuildConfig):
+    decode = functools.partial(decode_segment, resolution=config.resolution, crop_scale=config.crop_scale)
+    return guarded("decode", decode)
+
+
+def _encode_step(config: BuildConfig):
+    video = EncodeSettings(**vars(config.video))
+    return guarded("encode", functools.partial(encode_members, resolution=config.resolution, video=video))
+
+
+def build_dataset(manifest: pd.DataFrame, config: BuildConfig, shards_dir: str) -> ray.data.Dataset:
+    """The lazy Dataset of writer status rows (one per manifest row) for the rows to build."""
+    rows = manifest.assign(error_stage="", error="", message="", timings="{}", annotations="[]")
+    # One block per segment: the writer bundles `samples_per_shard` of them into each task.
+    ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows)))
+    ds = ds.map(_decode_step(config))
+    for stage in config.stages:
+        ds = ds.map_batches(
+            get_stage(stage.name),
+            compute=ActorPoolStrategy(size=stage.pool_size),
+            batch_size=stage.batch_size,
+            num_gpus=stage.num_gpus,
+            num_cpus=stage.num_cpus,
+            fn_constructor_kwargs=stage.options,
+        )
+    ds = ds.map(_encode_step(config)).map(as_writer_row)
+    return ds.map_batches(
+        write_shard_batch, batch_size=config.samples_per_shard, fn_kwargs={"shards_dir": shards_dir}
+    )

@@ -1,0 +1,81 @@
+"""The manifest: one row per clip segment, with its bucket, built from a source scan."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from pipeline.config import BuildConfig
+from pipeline.contract import sample_key
+from pipeline.mix import bucket_for
+from pipeline.sources.base import ClipFailure, ScanResult
+
+MANIFEST_COLUMNS = [
+    "key",
+    "clip_id",
+    "dataset",
+    "identity",
+    "source",
+    "source_kind",
+    "fps",
+    "segment",
+    "frame_start",
+    "frame_stop",
+    "width",
+    "height",
+    "face_boxes",
+    "bucket",
+]
+
+
+def split_segments(num_frames: int, max_frames: int) -> list[tuple[int, int]]:
+    """Split [0, num_frames) into the fewest near-equal segments of at most max_frames.
+
+    Near-equal parts keep every frame and avoid a short leftover tail segment.
+    """
+    count = math.ceil(num_frames / max_frames)
+    base, extra = divmod(num_frames, count)
+    bounds, start = [], 0
+    for i in range(count):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def build_manifest(scan: ScanResult, config: BuildConfig) -> tuple[pd.DataFrame, list[ClipFailure]]:
+    """Segments of every usable clip; clips shorter than min_frames become failures."""
+    rows, failures = [], []
+    for record in scan.records:
+        if record.num_frames < config.min_frames:
+            msg = f"{record.num_frames} frames < min_frames {config.min_frames}"
+            failures.append(ClipFailure(record.clip_id, record.dataset, "manifest", "too_short", msg))
+            continue
+        bucket = bucket_for(record.dataset, record.clip_id, config.seed, config.mix)
+        for segment, (start, stop) in enumerate(split_segments(record.num_frames, config.max_frames)):
+            boxes = record.face_boxes[start:stop] if record.face_boxes is not None else None
+            rows.append(
+                {
+                    "key": sample_key(record.dataset, record.clip_id, segment),
+                    "clip_id": record.clip_id,
+                    "dataset": record.dataset,
+                    "identity": record.identity,
+                    "source": record.source,
+                    "source_kind": record.source_kind,
+                    "fps": float(record.fps),
+                    "segment": segment,
+                    "frame_start": start,
+                    "frame_stop": stop,
+                    "width": record.width,
+                    "height": record.height,
+                    "face_boxes": json.dumps(boxes) if boxes is not None else "",
+                    "bucket": bucket,
+                }
+            )
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    duplicated = manifest["key"][manifest["key"].duplicated()]
+    if len(duplicated):
+        raise ValueError(f"clip ids collide after making them tar-safe: {sorted(set(duplicated))[:5]}")
+    return manifest, failures

@@ -1,0 +1,261 @@
+"""Shards, index and failures on disk, written so that a killed run never leaves a partial file visible.
+
+A shard `<name>.tar` is written under a temp name and renamed; its index part `<name>.index.parquet`
+follows the same way; its stats `<name>.stats.json` is written last and is the commit marker. A
+rerun trusts only shards with stats, deletes everything else in the shard folder, and skips the
+samples the committed shards hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import webdataset as wds
+
+from pipeline import contract
+from pipeline.contract import SampleMeta
+from pipeline.stages.base import ERROR_FIELDS, Row, batch_to_rows, is_failed
+from pipeline.video import EncodeSettings, encode_mp4
+
+log = logging.getLogger(__name__)
+
+TAR_MTIME = 1_600_000_000  # fixed member mtime: the same samples give byte-identical tars
+STATS_SUFFIX, INDEX_SUFFIX = ".stats.json", ".index.parquet"
+# Row fields the annotators fill, and the member each one becomes.
+MASK_FIELDS = {"face_mask": contract.FACE_MASK, "fg_mask": contract.FG_MASK}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _json_field(row: Row, name: str, default: Any) -> Any:
+    value = row.get(name)
+    return json.loads(str(value)) if value not in (None, "") else default
+
+
+def sample_meta(row: Row, resolution: int) -> SampleMeta:
+    return SampleMeta(
+        key=str(row["key"]),
+        clip_id=str(row["clip_id"]),
+        dataset=str(row["dataset"]),
+        identity=str(row["identity"]),
+        source=str(row["source"]),
+        fps=float(row["fps"]),
+        num_frames=int(row["num_frames"]),
+        segment=int(row["segment"]),
+        frame_start=int(row["frame_start"]),
+        frame_stop=int(row["frame_stop"]),
+        crop_box=_json_field(row, "crop_box", []),
+        resolution=resolution,
+        bucket=str(row["bucket"]),
+        swap_source_identity=row.get("swap_source_identity") or None,
+        style_prompt=row.get("style_prompt") or None,
+        style_seed=None if row.get("style_seed") in (None, "", -1) else int(row["style_seed"]),
+        gaze_scores=_json_field(row, "gaze_scores", {}),
+        fg_backend=row.get("fg_backend") or None,
+        annotations=_json_field(row, "annotations", []),
+        weights=_json_field(row, "weights", {}),
+        extra=_json_field(row, "extra", {}),
+    )
+
+
+def encode_members(row: Row, resolution: int, video: EncodeSettings) -> Row:
+    """Replace a row's arrays by the bytes of its shard members (one column per member)."""
+    fps = float(row["fps"])
+    members = {contract.REAL: encode_mp4(row.pop("frames"), fps, video)}
+    driving = row.pop("driving_frames", None)
+    if driving is not None and len(driving):
+        members[contract.VIDEO_MEMBER_OF_BUCKET[str(row["bucket"])]] = encode_mp4(driving, fps, video)
+    for field, member in MASK_FIELDS.items():
+        mask = row.pop(field, None)
+        if mask is not None and len(mask):
+            members[member] = contract.encode_mask(np.asarray(mask, bool))
+    gaze = row.pop("gaze", None)
+    if gaze is not None and len(gaze):
+        members[contract.GAZE] = contract.encode_gaze(np.asarray(gaze, np.float32))
+    members[contract.META] = sample_meta(row, resolution).to_json_bytes()
+    return _writer_row(row, members, int(row["num_frames"]))
+
+
+def as_writer_row(row: Row) -> Row:
+    """Encoded rows pass; a failed row keeps its identifiers and error, and no pixels."""
+    return _writer_row(row, {}, 0) if is_failed(row) else row
+
+
+def _writer_row(row: Row, members: dict[str, bytes], num_frames: int) -> Row:
+    """The columns the shard writer reads: identifiers, errors, timings and one bytes column per member."""
+    out = {
+        name: row.get(name, "") for name in ("key", "clip_id", "dataset", "bucket", "timings", *ERROR_FIELDS)
+    }
+    out["num_frames"] = num_frames
+    for member in contract.ALL_MEMBERS:
+        out[member] = members.get(member, b"")
+    return out
+
+
+def shard_name(keys: Iterable[str]) -> str:
+    """Named by its content, so concurrent writers need no coordination and reruns are idempotent."""
+    digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+    return f"shard-{digest}"
+
+
+def _index_row(meta: SampleMeta, shard: str, sizes: dict[str, int]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "key": meta.key,
+        "shard": shard,
+        "clip_id": meta.clip_id,
+        "dataset": meta.dataset,
+        "identity": meta.identity,
+        "bucket": meta.bucket,
+        "num_frames": meta.num_frames,
+        "fps": meta.fps,
+        "segment": meta.segment,
+        "frame_start": meta.frame_start,
+        "frame_stop": meta.frame_stop,
+        "resolution": meta.resolution,
+        "crop_box": meta.crop_box,
+        "source": meta.source,
+        "swap_source_identity": meta.swap_source_identity,
+        "style_prompt": meta.style_prompt,
+        "style_seed": meta.style_seed,
+        "fg_backend": meta.fg_backend,
+        "annotations": json.dumps(meta.annotations),
+        "weights": json.dumps(meta.weights, sort_keys=True),
+        "extra": json.dumps(meta.extra, sort_keys=True),
+        "pipeline_version": meta.pipeline_version,
+    }
+    row.update({f"gaze_{name}": float(value) for name, value in meta.gaze_scores.items()})
+    row.update({f"size_{member.replace('.', '_')}": size for member, size in sizes.items()})
+    return row
+
+
+def write_shard(rows: list[Row], shards_dir: Path) -> str | None:
+    """Commit the healthy rows as one shard; returns its name, or None when no row is healthy."""
+    good = [row for row in rows if not is_failed(row)]
+    if not good:
+        return None
+    started = time.perf_counter()
+    name = shard_name(str(row["key"]) for row in good)
+    final = shards_dir / f"{name}.tar"
+    tmp = shards_dir / f".{name}.tar.tmp-{uuid.uuid4().hex[:8]}"
+    index_rows, member_bytes = [], Counter()
+    with open(tmp, "wb") as handle:
+        with wds.TarWriter(handle, encoder=False, mtime=TAR_MTIME) as tar:
+            for row in good:
+                members = {m: bytes(row[m]) for m in contract.ALL_MEMBERS if len(row[m])}
+                tar.write({"__key__": str(row["key"]), **members})
+                sizes = {m: len(v) for m, v in members.items()}
+                member_bytes.update(sizes)
+                meta = SampleMeta.from_json_bytes(members[contract.META])
+                index_rows.append(_index_row(meta, name, sizes))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    atomic_write_parquet(shards_dir / f"{name}{INDEX_SUFFIX}", pd.DataFrame(index_rows))
+    timings: Counter[str] = Counter()
+    for row in rows:
+        timings.update(json.loads(str(row.get("timings") or "{}")))
+    timings["write"] += time.perf_counter() - started
+    failed = [row for row in rows if is_failed(row)]
+    stats = {
+        "shard": f"{name}.tar",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "pipeline_version": contract.PIPELINE_VERSION,
+        "samples": len(good),
+        "keys": sorted(str(row["key"]) for row in good),
+        "frames": sum(int(row["num_frames"]) for row in good),
+        "bytes": final.stat().st_size,
+        "member_bytes": dict(member_bytes),
+        "buckets": dict(Counter(str(row["bucket"]) for row in good)),
+        "failures": dict(Counter(f"{row['error_stage']}/{row['error']}" for row in failed)),
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
+    }
+    atomic_write_bytes(shards_dir / f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
+    return name
+
+
+def write_shard_batch(batch: dict[str, np.ndarray], shards_dir: str) -> dict[str, np.ndarray]:
+    """Ray Data step: one batch becomes one shard; returns one status row per input row."""
+    rows = batch_to_rows(batch)
+    shard = write_shard(rows, Path(shards_dir)) or ""
+    failed = [is_failed(row) for row in rows]
+    return {
+        "key": np.array([str(row["key"]) for row in rows]),
+        "clip_id": np.array([str(row["clip_id"]) for row in rows]),
+        "dataset": np.array([str(row["dataset"]) for row in rows]),
+        "status": np.array(["failed" if f else "written" for f in failed]),
+        "shard": np.array(["" if f else shard for f in failed]),
+        "num_frames": np.array([int(row["num_frames"]) for row in rows], np.int64),
+        **{name: np.array([str(row[name]) for row in rows]) for name in ERROR_FIELDS},
+    }
+
+
+def read_stats(shards_dir: Path) -> list[dict[str, Any]]:
+    """Stats of every committed shard."""
+    if not shards_dir.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(shards_dir.glob(f"shard-*{STATS_SUFFIX}"))]
+
+
+def committed_keys(shards_dir: Path) -> set[str]:
+    return {key for stats in read_stats(shards_dir) for key in stats["keys"]}
+
+
+def remove_uncommitted(shards_dir: Path) -> list[Path]:
+    """Delete temp files and any shard file whose stats marker is missing (a run killed mid-commit)."""
+    if not shards_dir.is_dir():
+        return []
+    committed = {p.name[: -len(STATS_SUFFIX)] for p in shards_dir.glob(f"*{STATS_SUFFIX}")}
+    removed = []
+    for path in sorted(shards_dir.iterdir()):
+        stem = path.name.split(".", 1)[0]
+        if path.name.startswith(".") or stem not in committed:
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def merge_index(out: Path, shards_dir: Path) -> pd.DataFrame:
+    """index.parquet = the index parts of every committed shard, ordered by key."""
+    parts = [
+        pd.read_parquet(shards_dir / f"{stats['shard'][: -len('.tar')]}{INDEX_SUFFIX}")
+        for stats in read_stats(shards_dir)
+    ]
+    index = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(index):
+        index = index.sort_values("key", ignore_index=True)
+    atomic_write_parquet(out / "index.parquet", index)
+    return index
+
+
+FAILURE_COLUMNS = ["clip_id", "dataset", "key", "stage", "error", "message"]
+
+
+def write_failures(out: Path, failures: list[dict[str, str]]) -> pd.DataFrame:
+    frame = pd.DataFrame(failures, columns=FAILURE_COLUMNS).sort_values(["dataset", "clip_id", "key"])
+    atomic_write_parquet(out / "failures.parquet", frame.reset_index(drop=True))
+    return frame
