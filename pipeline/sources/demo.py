@@ -116,7 +116,16 @@ def render_clip(
     return frames, boxes, points
 
 
-def _write_vfhq_clip(root: Path, config: VfhqConfig, name: str, frames, boxes, points, as_zip: bool) -> None:
+def write_vfhq_clip(
+    root: Path,
+    config: VfhqConfig,
+    name: str,
+    frames: np.ndarray,
+    boxes: np.ndarray,
+    points: np.ndarray,
+    as_zip: bool,
+) -> None:
+    """Write one clip in VFHQ's format: meta txt (header, rows, CROP) and PNG frames (folder or zip)."""
     start = int(name.rsplit("+F", 1)[1].split("-")[0])
     height, width = frames.shape[1:3]
     lines = [f"Video: {name.split('+')[1]}", f"H: {height}", f"W: {width}", f"FPS: {FPS:g}"]
@@ -141,6 +150,25 @@ def _write_vfhq_clip(root: Path, config: VfhqConfig, name: str, frames, boxes, p
             (folder / f"{t:08d}.png").write_bytes(data)
 
 
+def write_celebvhq_dataset(
+    root: Path, config: CelebvhqConfig, clips: dict[str, tuple[str, np.ndarray]]
+) -> None:
+    """Write clips {clip_id: (ytb_id, frames)} in CelebV-HQ's format: info json and processed mp4s."""
+    (root / config.videos_dir).mkdir(parents=True, exist_ok=True)
+    entries: dict[str, dict] = {}
+    for c, (clip_id, (ytb_id, frames)) in enumerate(sorted(clips.items())):
+        (root / config.videos_dir / f"{clip_id}.mp4").write_bytes(encode_mp4(frames, FPS))
+        entries[clip_id] = {
+            "ytb_id": ytb_id,
+            "duration": {"start_sec": 2.0 * c, "end_sec": 2.0 * c + len(frames) / FPS},
+            "bbox": {"top": 0.1, "bottom": 0.6, "left": 0.3, "right": 0.7},
+            "attributes": {"appearance": [], "action": [], "emotion": {}},
+            "version": "v0.1",
+        }
+    meta_info = {"appearance_mapping": [], "action_mapping": [], "emotion_mapping": []}
+    (root / config.info_file).write_text(json.dumps({"meta_info": meta_info, "clips": entries}, indent=1))
+
+
 def generate_demo(root: Path, config: DemoConfig) -> None:
     """Write the demo dataset under root/vfhq and root/celebvhq (in a temp folder, then renamed)."""
     if root.exists():
@@ -151,7 +179,6 @@ def generate_demo(root: Path, config: DemoConfig) -> None:
     vfhq_cfg, celeb_cfg = VfhqConfig(), CelebvhqConfig()
     (tmp / "vfhq" / vfhq_cfg.meta_dir).mkdir(parents=True)
     (tmp / "vfhq" / vfhq_cfg.frames_dir).mkdir()
-    (tmp / "celebvhq" / celeb_cfg.videos_dir).mkdir(parents=True)
     identities = [make_identity(i) for i in range(config.identities)]
     rng = np.random.default_rng(config.seed)
 
@@ -165,27 +192,14 @@ def generate_demo(root: Path, config: DemoConfig) -> None:
         )
         start = 100 * c
         name = f"Clip+demo{ident:02d}+P0+C{c}+F{start}-{start + len(frames)}"
-        _write_vfhq_clip(tmp / "vfhq", vfhq_cfg, name, frames, boxes, points, as_zip=c % 3 == 2)
-    clips: dict[str, dict] = {}
+        write_vfhq_clip(tmp / "vfhq", vfhq_cfg, name, frames, boxes, points, as_zip=c % 3 == 2)
+    clips: dict[str, tuple[str, np.ndarray]] = {}
     for c in range(config.celebvhq_clips):
         ident = c % config.identities
         seed = config.seed + 1000 + c
         frames, _, _ = render_clip(identities[ident], length(), CELEB_CANVAS, 120, 0.5, seed)
-        clip_id = f"demoid{ident:02d}_{c}"
-        data = encode_mp4(frames, FPS)
-        (tmp / "celebvhq" / celeb_cfg.videos_dir / f"{clip_id}.mp4").write_bytes(data)
-        clips[clip_id] = {
-            "ytb_id": f"demoid{ident:02d}",
-            "duration": {"start_sec": 2.0 * c, "end_sec": 2.0 * c + len(frames) / FPS},
-            "bbox": {"top": 0.1, "bottom": 0.6, "left": 0.3, "right": 0.7},
-            "attributes": {"appearance": [], "action": [], "emotion": {}},
-            "version": "v0.1",
-        }
-    info = {
-        "meta_info": {"appearance_mapping": [], "action_mapping": [], "emotion_mapping": []},
-        "clips": clips,
-    }
-    (tmp / "celebvhq" / celeb_cfg.info_file).write_text(json.dumps(info, indent=1))
+        clips[f"demoid{ident:02d}_{c}"] = (f"demoid{ident:02d}", frames)
+    write_celebvhq_dataset(tmp / "celebvhq", celeb_cfg, clips)
     (tmp / MARKER).write_text(json.dumps(dataclasses.asdict(config), sort_keys=True))
     tmp.rename(root)
 
