@@ -14,8 +14,10 @@ import dataclasses
 import fcntl
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from pipeline.writer import (
 log = logging.getLogger(__name__)
 
 # Settings that change what a sample holds: a rerun with other values would mix two recipes.
+LOCK_NAME = ".build.lock"
 RECIPE_FIELDS = ("dataset", "resolution", "max_frames", "min_frames", "crop_scale", "mix", "seed", "video")
 
 
@@ -120,19 +123,34 @@ def run_build(config: BuildConfig, overwrite: bool = False, progress: bool = Tru
     out = Path(config.out)
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".build.lock", "w")  # noqa: SIM115 - held for the whole build
+    lock_path = out / LOCK_NAME
+    lock = open(lock_path, "a+")  # noqa: SIM115 - held for the whole build
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         raise RuntimeError(f"another build is writing to {out}") from exc
     try:
-        return _build_locked(config, out, shards_dir, overwrite, progress, started)
+        # The run id in the lock file fences off writers a killed earlier run may have left behind.
+        run_id = uuid.uuid4().hex
+        lock.seek(0)
+        lock.truncate()
+        lock.write(run_id)
+        lock.flush()
+        os.fsync(lock.fileno())
+        fence = (str(lock_path.resolve()), run_id)
+        return _build_locked(config, out, shards_dir, overwrite, progress, started, fence)
     finally:
         lock.close()
 
 
 def _build_locked(
-    config: BuildConfig, out: Path, shards_dir: Path, overwrite: bool, progress: bool, started: float
+    config: BuildConfig,
+    out: Path,
+    shards_dir: Path,
+    overwrite: bool,
+    progress: bool,
+    started: float,
+    fence: tuple[str, str],
 ) -> BuildSummary:
     if overwrite:
         _clear_outputs(out)
@@ -157,7 +175,7 @@ def _build_locked(
     )
     _write_build_json(out, config, None)
     if len(todo):
-        failures += _run_dag(todo, config, shards_dir, progress)
+        failures += _run_dag(todo, config, shards_dir, progress, fence)
     index = merge_index(out, shards_dir)
     failure_frame = write_failures(out, failures)
     stats = read_stats(shards_dir)
@@ -185,14 +203,14 @@ def _build_locked(
 
 
 def _run_dag(
-    todo: pd.DataFrame, config: BuildConfig, shards_dir: Path, progress: bool
+    todo: pd.DataFrame, config: BuildConfig, shards_dir: Path, progress: bool, fence: tuple[str, str]
 ) -> list[dict[str, str]]:
     """Run the Ray Data plan over `todo`; returns the failure rows of samples that did not make it."""
     from pipeline.dag import build_dataset, init_ray  # Ray is imported only when there is work
 
     init_ray(config.num_cpus)
     failures: list[dict[str, str]] = []
-    dataset = build_dataset(todo, config, str(shards_dir.resolve()))
+    dataset = build_dataset(todo, config, str(shards_dir.resolve()), fence)
     with tqdm(total=len(todo), unit="sample", desc="shards", disable=not progress) as bar:
         for row in dataset.iter_rows():
             if row["status"] == "failed":

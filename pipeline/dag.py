@@ -45,8 +45,13 @@ def _encode_step(config: BuildConfig):
     return guarded("encode", functools.partial(encode_members, resolution=config.resolution, video=video))
 
 
-def build_dataset(manifest: pd.DataFrame, config: BuildConfig, shards_dir: str) -> ray.data.Dataset:
-    """The lazy Dataset of writer status rows (one per manifest row) for the rows to build."""
+def build_dataset(
+    manifest: pd.DataFrame, config: BuildConfig, shards_dir: str, fence: tuple[str, str] | None = None
+) -> ray.data.Dataset:
+    """The lazy Dataset of writer status rows (one per manifest row) for the rows to build.
+
+    `fence` (lock file, run id) stops writers orphaned by a killed build from committing later.
+    """
     rows = manifest.assign(error_stage="", error="", message="", timings="{}", annotations="[]")
     # One block per segment: the writer bundles `samples_per_shard` of them into each task.
     ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows)))
@@ -62,5 +67,7 @@ def build_dataset(manifest: pd.DataFrame, config: BuildConfig, shards_dir: str) 
         )
     ds = ds.map(_encode_step(config)).map(as_writer_row)
     return ds.map_batches(
-        write_shard_batch, batch_size=config.samples_per_shard, fn_kwargs={"shards_dir": shards_dir}
+        write_shard_batch,
+        batch_size=config.samples_per_shard,
+        fn_kwargs={"shards_dir": shards_dir, "fence": fence},
     )

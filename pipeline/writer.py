@@ -153,8 +153,27 @@ def _index_row(meta: SampleMeta, shard: str, sizes: dict[str, int]) -> dict[str,
     return row
 
 
-def write_shard(rows: list[Row], shards_dir: Path) -> str | None:
-    """Commit the healthy rows as one shard; returns its name, or None when no row is healthy."""
+class StaleRun(RuntimeError):
+    """A newer build owns the output folder: this (orphaned) writer must not commit."""
+
+
+def run_is_current(fence: tuple[str, str] | None) -> bool:
+    """fence = (lock file, run id): the build that started this writer still owns the folder."""
+    if fence is None:
+        return True
+    path, run_id = fence
+    try:
+        return Path(path).read_text().strip() == run_id
+    except FileNotFoundError:
+        return False
+
+
+def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None = None) -> str | None:
+    """Commit the healthy rows as one shard; returns its name, or None when no row is healthy.
+
+    `fence` guards against a worker orphaned by a killed build committing after a rerun has read
+    the committed set: the stats marker is written only while the fence's run id is current.
+    """
     good = [row for row in rows if not is_failed(row)]
     if not good:
         return None
@@ -194,14 +213,20 @@ def write_shard(rows: list[Row], shards_dir: Path) -> str | None:
         "failures": dict(Counter(f"{row['error_stage']}/{row['error']}" for row in failed)),
         "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
     }
+    if not run_is_current(fence):
+        final.unlink(missing_ok=True)
+        (shards_dir / f"{name}{INDEX_SUFFIX}").unlink(missing_ok=True)
+        raise StaleRun(f"{shards_dir} belongs to a newer build; not committing {name}")
     atomic_write_bytes(shards_dir / f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
     return name
 
 
-def write_shard_batch(batch: dict[str, np.ndarray], shards_dir: str) -> dict[str, np.ndarray]:
+def write_shard_batch(
+    batch: dict[str, np.ndarray], shards_dir: str, fence: tuple[str, str] | None = None
+) -> dict[str, np.ndarray]:
     """Ray Data step: one batch becomes one shard; returns one status row per input row."""
     rows = batch_to_rows(batch)
-    shard = write_shard(rows, Path(shards_dir)) or ""
+    shard = write_shard(rows, Path(shards_dir), fence) or ""
     failed = [is_failed(row) for row in rows]
     return {
         "key": np.array([str(row["key"]) for row in rows]),

@@ -136,3 +136,14 @@ def test_encode_failure_becomes_a_row_not_an_exception() -> None:
     assert out["error_stage"] == "encode" and "even sizes" in out["message"]
     with pytest.raises(KeyError):
         out["frames"]
+
+
+def test_an_orphaned_writer_cannot_commit_after_a_newer_run_took_over(tmp_path: Path) -> None:
+    from pipeline.writer import StaleRun
+
+    lock = tmp_path / ".build.lock"
+    lock.write_text("new-run")
+    with pytest.raises(StaleRun, match="newer build"):
+        write_shard([encoded(decoded_row("a"))], tmp_path, fence=(str(lock), "old-run"))
+    assert [p.name for p in tmp_path.iterdir()] == [".build.lock"]  # nothing committed, nothing left
+    assert write_shard([encoded(decoded_row("a"))], tmp_path, fence=(str(lock), "new-run"))

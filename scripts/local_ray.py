@@ -1,0 +1,108 @@
+"""Start or stop a local Ray head on loopback, for `ray job submit` on one machine.
+
+    python scripts/local_ray.py up --state out/ray-head      # prints the job address
+    python scripts/local_ray.py down --state out/ray-head
+
+`up` runs `ray start --head --block` in its own process group and records the group id; `down`
+ends exactly that group. Nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def _ray_executable() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def up(state: Path, port: int, dashboard_port: int, num_cpus: int | None, temp_dir: str | None) -> str:
+    state.mkdir(parents=True, exist_ok=True)
+    info_path = state / "head.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        if _group_alive(info["pgid"]):
+            return info["dashboard"]
+    command = [
+        _ray_executable(), "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    if num_cpus is not None:
+        command += ["--num-cpus", str(num_cpus)]
+    if temp_dir:
+        command += ["--temp-dir", temp_dir]
+    log = open(state / "head.log", "w")  # noqa: SIM115 - handed to the child
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    info_path.write_text(
+        json.dumps({"pgid": process.pid, "dashboard": dashboard, "gcs": f"127.0.0.1:{port}"})
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}; see {state / 'head.log'}")
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).close()
+            return dashboard
+        except urllib.error.HTTPError:
+            return dashboard  # it answers (401 until a client sends Ray's auth token): it is up
+        except OSError:
+            time.sleep(1)
+    down(state)
+    raise TimeoutError(f"the Ray dashboard at {dashboard} did not answer within 120 s")
+
+
+def down(state: Path) -> None:
+    info_path = state / "head.json"
+    if not info_path.exists():
+        return
+    pgid = json.loads(info_path.read_text())["pgid"]
+    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        if not _group_alive(pgid):
+            break
+        os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    info_path.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--state", default="out/ray-head", help="folder for the pid file and the head's log")
+    parser.add_argument("--port", type=int, default=6380)
+    parser.add_argument("--dashboard-port", type=int, default=8266)
+    parser.add_argument("--num-cpus", type=int)
+    parser.add_argument("--temp-dir", help="Ray's session folder (default /tmp/ray)")
+    args = parser.parse_args(argv)
+    if args.action == "up":
+        print(up(Path(args.state), args.port, args.dashboard_port, args.num_cpus, args.temp_dir))
+    else:
+        down(Path(args.state))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
