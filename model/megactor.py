@@ -84,7 +84,14 @@ def build_scheduler(config: MegActorConfig) -> DDIMScheduler:
 
 def build_denoiser(unet: UNet2DConditionModel, motion_adapter: nn.Module) -> UNetMotionModel:
     """SD1.5 UNet + AnimateDiff motion modules, conv_in widened to 13 channels (extra 9 zero-initialised)."""
-    denoiser = UNetMotionModel.from_unet2d(unet, motion_adapter)
+    # from_unet2d casts to the UNet's dtype and warns about fp32 modules even when the list is empty.
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        denoiser = UNetMotionModel.from_unet2d(unet, motion_adapter)
+    finally:
+        quiet.setLevel(level)
     old = denoiser.conv_in
     latent = old.in_channels
     widened = nn.Conv2d(3 * latent + 1, old.out_channels, old.kernel_size, old.stride, old.padding)
