@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -45,8 +46,6 @@ def test_driving_preprocessing_is_square_gray_and_scaled():
 def test_cli_writes_a_playable_video_of_the_right_length(tiny_weights, tmp_path):
     image = data.astronaut()  # a real face, bundled with scikit-image
     ref = tmp_path / "ref.png"
-    import cv2
-
     cv2.imwrite(str(ref), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     frames = np.stack([np.roll(image, 6 * i, axis=1)[::4, ::4] for i in range(9)])
     driving = tmp_path / "driving.mp4"
