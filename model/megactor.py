@@ -116,6 +116,12 @@ class MegActor(nn.Module):
                 f"components: expected an 8x VAE whose {latent} latent channels feed the UNet, got a "
                 f"{vae_factor}x VAE and a UNet with {components.unet.config.in_channels} input channels"
             )
+        token_dim = components.image_encoder.config.projection_dim
+        if token_dim != components.unet.config.cross_attention_dim:
+            raise ValueError(
+                f"components: the CLIP projection gives {token_dim}-d tokens, the UNet cross-attention expects "
+                f"{components.unet.config.cross_attention_dim}-d"
+            )
         self.latent_scale = float(components.vae.config.scaling_factor)
         self.vae = components.vae.requires_grad_(False).eval()
         self.background = BackgroundEncoder(components.image_encoder).requires_grad_(False).eval()
