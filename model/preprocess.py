@@ -1,0 +1,70 @@
+"""Turn images and videos (uint8 RGB) into the model's pixel tensors, the way training prepares them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.video import centre_square_box, crop_and_resize
+
+FACE_MASK_METHODS = ("none", "facexlib")
+
+
+def square_resize(frames: np.ndarray, resolution: int) -> np.ndarray:
+    """Centre square crop and resize: uint8 (T, H, W, 3) -> (T, R, R, 3)."""
+    _, height, width, _ = frames.shape
+    return crop_and_resize(frames, centre_square_box(width, height), resolution)
+
+
+def to_model_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (T, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def grayscale3(frames: np.ndarray) -> np.ndarray:
+    """uint8 (T, H, W, 3) RGB -> the BT.601 luma copied into 3 channels (the DrivenEncoder's input)."""
+    luma = np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames])
+    return np.repeat(luma[..., None], 3, axis=-1)
+
+
+def mask_faces(frames: np.ndarray, method: str) -> np.ndarray:
+    """Black out every non-face pixel of the driving frames (training sees face-masked driving video).
+
+    "none" leaves the frames as they are (for driving videos that are already face crops on black).
+    "facexlib" is the face-parsing mask of the shard builder's face-mask stage, not yet in pipeline/.
+    """
+    if method == "none":
+        return frames
+    if method == "facexlib":
+        raise NotImplementedError(
+            "face_mask=facexlib needs the shard builder's face-mask stage (pipeline/stages/), which is not "
+            "available yet; use face_mask=none with a driving video that is already face-masked"
+        )
+    raise ValueError(f"face_mask: expected one of {FACE_MASK_METHODS}, got {method!r}")
+
+
+def prepare_driving(frames: np.ndarray, resolution: int, face_mask: str = "none") -> torch.Tensor:
+    """Driving video uint8 (T, H, W, 3) -> (T, 3, R, R) in [-1, 1]: square, face-masked, grayscale."""
+    return to_model_pixels(grayscale3(mask_faces(square_resize(frames, resolution), face_mask)))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: not a readable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def prepare_reference(image: np.ndarray, resolution: int) -> torch.Tensor:
+    """Reference image uint8 (H, W, 3) -> (3, R, R) in [-1, 1]."""
+    return to_model_pixels(square_resize(image[None], resolution))[0]
+
+
+def prepare_background_mask(foreground: np.ndarray, resolution: int) -> torch.Tensor:
+    """A foreground mask image (H, W, 3) uint8, white = person -> background mask (1, R, R), 1 = background."""
+    person = square_resize(foreground[None], resolution)[0, ..., 0] >= 128
+    return torch.from_numpy(~person).float()[None]
