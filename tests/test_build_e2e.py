@@ -17,7 +17,7 @@ import pandas as pd
 import psutil
 import pytest
 import webdataset as wds
-from conftest import REPO, make_celebvhq, make_vfhq_clip
+from lookalike import REPO, make_celebvhq, make_vfhq_clip
 
 from pipeline import contract
 from pipeline.video import read_video_frames

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_celebvhq, make_vfhq_clip
+from lookalike import make_celebvhq, make_vfhq_clip
 
 from pipeline.config import CelebvhqConfig, DemoConfig, VfhqConfig
 from pipeline.sources.celebvhq import scan_celebvhq
