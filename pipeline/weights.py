@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_YAML = Path(__file__).resolve().parent.parent / "configs" / "weights.yaml"
 PROFILES = ("tiny", "full")
-DEFAULT_TINY_DIR = Path(os.environ.get("MEGACTOR_CACHE", Path.home() / ".cache" / "megactor")) / "tiny_weights"
+DEFAULT_TINY_DIR = (
+    Path(os.environ.get("MEGACTOR_CACHE", Path.home() / ".cache" / "megactor")) / "tiny_weights"
+)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,13 @@ def add_timing(row: Row, stage: str, seconds: float) -> None:
     row["timings"] = json.dumps(timings)
 
 
+def update_json_field(row: Row, field: str, values: dict[str, Any]) -> None:
+    """Merge `values` into a JSON-object string field shared by stages (`extra`, `weights`, `gaze_scores`)."""
+    current = json.loads(str(row.get(field) or "{}"))
+    current.update(values)
+    row[field] = json.dumps(current, sort_keys=True)
+
+
 def guarded(stage: str, fn: Callable[[Row], Row]) -> Callable[[Row], Row]:
     """Wrap a row function so failures become data and time spent is recorded."""
 
@@ -93,13 +100,19 @@ class Stage:
     """Base class of annotators run as Ray Data actor pools.
 
     Subclasses set `name` (also the key of the annotation recorded in the sample json), optionally
-    `buckets`, load their model in `__init__(**options)` and implement `process(row) -> row`.
+    `buckets` and `outputs`, load their model in `__init__(self, weights_dir: str, **options)` and
+    implement `process(row) -> row`. `weights_needed(options)` names the configs/weights.yaml entries
+    the stage reads, so a build can check (full profile) or write (tiny profile) them before it starts.
     """
 
     name: ClassVar[str] = "stage"
     buckets: ClassVar[tuple[str, ...] | None] = None  # None: every bucket
     # Row fields the stage adds, with the value rows it skips get, so every batch stays rectangular.
     outputs: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def weights_needed(cls, options: dict[str, Any]) -> list[str]:
+        return []
 
     def applies_to(self, row: Row) -> bool:
         return not is_failed(row) and (self.buckets is None or str(row["bucket"]) in self.buckets)
