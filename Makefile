@@ -9,9 +9,13 @@ ROOT ?= data/$(DATASET)
 OUT ?= out/$(DATASET)
 ARGS ?=
 PYTEST_ARGS ?=
+RAY_STATE ?= out/ray-head
+RAY_PORT ?= 6380
+RAY_DASHBOARD_PORT ?= 8266
+RAY_JOB_ADDRESS ?= http://127.0.0.1:$(RAY_DASHBOARD_PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup shards test test-fast lint format bench clean
+.PHONY: help setup shards shards-job ray-up ray-down test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,6 +31,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 shards: setup ## build shards: DATASET=demo|vfhq|celebvhq ROOT=<dataset folder> OUT=<output folder>
 	$(BIN)/python -m pipeline build --dataset $(DATASET) --root $(ROOT) --out $(OUT) $(ARGS)
+
+shards-job: setup ## the same build as a Ray Job: ray job submit to RAY_JOB_ADDRESS (default: make ray-up's head)
+	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) --working-dir . -- \
+		python jobs/shards.py --dataset $(DATASET) --root $(abspath $(ROOT)) --out $(abspath $(OUT)) $(ARGS)
+
+ray-up: setup ## start a local Ray head on loopback for `ray job submit` (its own process group)
+	$(BIN)/python scripts/local_ray.py up --state $(RAY_STATE) --port $(RAY_PORT) --dashboard-port $(RAY_DASHBOARD_PORT)
+
+ray-down: ## stop the head that ray-up started (that process group only)
+	$(BIN)/python scripts/local_ray.py down --state $(RAY_STATE)
 
 test: setup ## run every test, the slow end-to-end ones included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

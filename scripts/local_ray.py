@@ -51,7 +51,9 @@ def up(state: Path, port: int, dashboard_port: int, num_cpus: int | None, temp_d
     if temp_dir:
         command += ["--temp-dir", temp_dir]
     log = open(state / "head.log", "w")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Jobs run `python ...` through the head's PATH: put this interpreter's folder (the venv) first.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     info_path.write_text(
         json.dumps({"pgid": process.pid, "dashboard": dashboard, "gcs": f"127.0.0.1:{port}"})

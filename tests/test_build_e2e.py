@@ -213,9 +213,13 @@ def test_ray_job_submit_builds_shards(tmp_path: Path) -> None:
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     helper = [PYTHON, "scripts/local_ray.py"]
     ports = ["--port", "6391", "--dashboard-port", "8271"]
+    # As in CI: the venv is not on PATH, yet the job's `python` must be the venv's.
+    venv_bin = str(Path(PYTHON).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=path)
     up = subprocess.run(
         [*helper, "up", "--state", str(state), *ports, "--num-cpus", "2", "--temp-dir", temp_dir],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
+        cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
     )  # fmt: skip
     assert up.returncode == 0, up.stderr[-3000:]
     try:
@@ -225,7 +229,6 @@ def test_ray_job_submit_builds_shards(tmp_path: Path) -> None:
             "--working-dir", ".", "--", "python", "jobs/shards.py", "--dataset", "demo", "--no-progress",
             "--root", str(tmp_path / "demo"), "--out", str(out), *SMALL_DEMO,
         ]  # fmt: skip
-        env = dict(os.environ, RAY_AUTH_MODE="token")
         result = subprocess.run(job, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         assert "succeeded" in result.stdout + result.stderr

@@ -1,0 +1,100 @@
+"""Frames per second of the shard builder's CPU path against a floor measured in the same run.
+
+Floor: the same clips decoded (PyAV for mp4, OpenCV for PNG frames), cropped, resized and encoded with
+PyAV's libx264 in one plain Python loop, no Ray, the encoder free to use every core. Pipeline: a full
+`run_build` (scan, manifest, Ray Data DAG, shard writing, index) on a Ray instance started beforehand,
+so Ray's start-up is not counted. Target: pipeline / floor >= 0.7 with 2 CPUs.
+
+    python benchmarks/shard_build.py [--clips 8] [--resolution 256] [--num-cpus 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.build import run_build  # noqa: E402
+from pipeline.config import load_build_config  # noqa: E402
+from pipeline.manifest import build_manifest  # noqa: E402
+from pipeline.segment import decode_segment  # noqa: E402
+from pipeline.sources import scan_source  # noqa: E402
+from pipeline.video import EncodeSettings, encode_mp4  # noqa: E402
+
+
+def floor_fps(config) -> tuple[float, int]:
+    """Decode + crop + resize + encode every planned segment in one process."""
+    manifest, _ = build_manifest(scan_source(config), config)
+    settings = EncodeSettings(
+        crf=config.video.crf, preset=config.video.preset, gop=config.video.gop, threads=0
+    )
+    frames_total = 0
+    started = time.perf_counter()
+    for row in manifest.to_dict("records"):
+        row = decode_segment(row, config.resolution, config.crop_scale)
+        encode_mp4(row["frames"], row["fps"], settings)
+        frames_total += row["num_frames"]
+    return frames_total / (time.perf_counter() - started), frames_total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clips", type=int, default=8, help="clips per format (VFHQ and CelebV-HQ)")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="bench_shards_"))
+    try:
+        overrides = [
+            f"demo.vfhq_clips={args.clips}", f"demo.celebvhq_clips={args.clips}", "demo.min_frames=60",
+            "demo.max_frames=90", f"resolution={args.resolution}", "max_frames=96", "samples_per_shard=4",
+            f"num_cpus={args.num_cpus}", "stages=[]",
+        ]  # fmt: skip
+        config = load_build_config(
+            "demo", overrides=overrides, root=str(work / "demo"), out=str(work / "out")
+        )
+        scan_source(config)  # generate the dataset outside the timings
+        floor_before, frames = floor_fps(config)
+
+        import ray
+
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        summary = run_build(config, progress=False)
+        ray.shutdown()
+        # The floor again after the pipeline: a spread between the two shows the machine's load changed.
+        floor_after, _ = floor_fps(config)
+        floor = (floor_before + floor_after) / 2
+        pipeline = frames / summary.seconds
+        result = {
+            "benchmark": "shard_build",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "num_cpus": args.num_cpus,
+            "resolution": args.resolution,
+            "segments": summary.segments,
+            "frames": frames,
+            "floor_fps": round(floor, 1),
+            "floor_fps_before_after": [round(floor_before, 1), round(floor_after, 1)],
+            "pipeline_fps": round(pipeline, 1),
+            "pipeline_seconds": round(summary.seconds, 2),
+            "ratio": round(pipeline / floor, 3),
+            "target_ratio": 0.7,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
