@@ -1,10 +1,16 @@
-"""Command line: `python -m pipeline build --dataset demo --root DIR --out DIR [key=value ...]`."""
+"""Command line.
+
+python -m pipeline build --dataset demo --root DIR --out DIR [key=value ...]
+python -m pipeline weights check [--weights-dir DIR]     # what is missing or wrong under WEIGHTS_DIR
+python -m pipeline weights tiny DIR                      # write every model with random weights
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipeline.build import RecipeMismatch, run_build
 from pipeline.config import DATASETS, load_build_config
@@ -26,12 +32,52 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. resolution=256"
     )
+    weights = commands.add_parser("weights", help="check real weights, or write tiny random ones")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    check = weights_commands.add_parser("check", help="list missing or wrong files of configs/weights.yaml")
+    check.add_argument("--weights-dir", help="default: $WEIGHTS_DIR")
+    check.add_argument("--no-hash", action="store_true", help="check presence only (skip sha256)")
+    check.add_argument("names", nargs="*", help="weights names (default: all of configs/weights.yaml)")
+    tiny = weights_commands.add_parser(
+        "tiny", help="write every model with random weights in its real format"
+    )
+    tiny.add_argument("dir")
     return parser
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from pipeline.stages import STAGES  # noqa: F401 - importing the stages registers their tiny writers
+    from pipeline.weights import (
+        TINY_WRITERS,
+        check_weights,
+        ensure_tiny_weights,
+        load_weight_specs,
+        resolve_weights_dir,
+    )
+
+    if args.weights_command == "tiny":
+        ensure_tiny_weights(Path(args.dir), TINY_WRITERS)
+        log.info("tiny weights for %s in %s", ", ".join(sorted(TINY_WRITERS)), args.dir)
+        return 0
+    weights_dir = resolve_weights_dir("full", args.weights_dir)
+    names = args.names or sorted(load_weight_specs())
+    problems = check_weights(weights_dir, names, verify_hash=not args.no_hash)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"all {len(names)} weights present in {weights_dir}")
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "weights":
+        try:
+            return _weights(args)
+        except (ValueError, FileNotFoundError) as exc:
+            log.error("%s", exc)
+            return 2
     try:
         config = load_build_config(args.dataset, args.config, args.overrides, root=args.root, out=args.out)
         summary = run_build(config, overwrite=args.overwrite, progress=not args.no_progress)

@@ -29,6 +29,8 @@ from pipeline import __version__
 from pipeline.config import BuildConfig
 from pipeline.manifest import build_manifest
 from pipeline.sources import scan_source
+from pipeline.stages import get_stage
+from pipeline.weights import ensure_tiny_weights, require_weights, resolve_weights_dir
 from pipeline.writer import (
     atomic_write_bytes,
     atomic_write_parquet,
@@ -43,7 +45,9 @@ log = logging.getLogger(__name__)
 
 # Settings that change what a sample holds: a rerun with other values would mix two recipes.
 LOCK_NAME = ".build.lock"
-RECIPE_FIELDS = ("dataset", "resolution", "max_frames", "min_frames", "crop_scale", "mix", "seed", "video")
+RECIPE_FIELDS = (
+    "dataset", "resolution", "max_frames", "min_frames", "crop_scale", "mix", "seed", "video", "profile", "stages",
+)  # fmt: skip
 
 
 class RecipeMismatch(RuntimeError):
@@ -103,6 +107,20 @@ def _clear_outputs(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def prepare_stage_weights(config: BuildConfig) -> Path | None:
+    """The weights folder of the configured stages: tiny files are written, full ones must all be there
+    (one MissingWeights error listing every missing file, before any work starts)."""
+    if not config.stages:
+        return None
+    weights_dir = resolve_weights_dir(config.profile, config.weights_dir)
+    names = [name for stage in config.stages for name in get_stage(stage.name).weights_needed(stage.options)]
+    if config.profile == "tiny":
+        ensure_tiny_weights(weights_dir, names)
+    else:
+        require_weights(weights_dir, names)
+    return weights_dir
+
+
 def _failure_rows(failures) -> list[dict[str, str]]:
     return [
         {
@@ -156,6 +174,7 @@ def _build_locked(
         _clear_outputs(out)
         shards_dir.mkdir(parents=True, exist_ok=True)
     _check_recipe(out, config)
+    weights_dir = prepare_stage_weights(config)
     removed = remove_uncommitted(shards_dir)
     if removed:
         log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
@@ -175,7 +194,8 @@ def _build_locked(
     )
     _write_build_json(out, config, None)
     if len(todo):
-        failures += _run_dag(todo, config, shards_dir, progress, fence)
+        stage_context = {"weights_dir": str(weights_dir) if weights_dir else ""}
+        failures += _run_dag(todo, config, shards_dir, progress, fence, stage_context)
     index = merge_index(out, shards_dir)
     failure_frame = write_failures(out, failures)
     stats = read_stats(shards_dir)
@@ -203,14 +223,19 @@ def _build_locked(
 
 
 def _run_dag(
-    todo: pd.DataFrame, config: BuildConfig, shards_dir: Path, progress: bool, fence: tuple[str, str]
+    todo: pd.DataFrame,
+    config: BuildConfig,
+    shards_dir: Path,
+    progress: bool,
+    fence: tuple[str, str],
+    stage_context: dict[str, str],
 ) -> list[dict[str, str]]:
     """Run the Ray Data plan over `todo`; returns the failure rows of samples that did not make it."""
     from pipeline.dag import build_dataset, init_ray  # Ray is imported only when there is work
 
     init_ray(config.num_cpus)
     failures: list[dict[str, str]] = []
-    dataset = build_dataset(todo, config, str(shards_dir.resolve()), fence)
+    dataset = build_dataset(todo, config, str(shards_dir.resolve()), fence, stage_context)
     with tqdm(total=len(todo), unit="sample", desc="shards", disable=not progress) as bar:
         for row in dataset.iter_rows():
             if row["status"] == "failed":

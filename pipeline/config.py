@@ -76,6 +76,8 @@ class BuildConfig:
     samples_per_shard: int = 64
     max_failure_fraction: float = 0.1  # above it the run exits non-zero (its shards stay committed)
     num_cpus: int | None = None  # local Ray only; None = every core
+    profile: str = "full"  # full: real weights under weights_dir / $WEIGHTS_DIR; tiny: random, generated
+    weights_dir: str | None = None  # tiny: defaults to ~/.cache/megactor/tiny_weights
     video: VideoConfig = field(default_factory=VideoConfig)
     vfhq: VfhqConfig = field(default_factory=VfhqConfig)
     celebvhq: CelebvhqConfig = field(default_factory=CelebvhqConfig)
@@ -95,6 +97,8 @@ class BuildConfig:
             raise ValueError(f"mix shares must be >= 0 and sum to 1, got {self.mix}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.profile not in ("tiny", "full"):
+            raise ValueError(f"profile must be 'tiny' or 'full', got {self.profile!r}")
         if self.crop_scale < 1.0:
             raise ValueError(f"crop_scale must be >= 1, got {self.crop_scale}")
 

@@ -7,8 +7,10 @@ and on a cluster when RAY_ADDRESS is set (or inside `ray job submit`).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
+from typing import Any
 
 import pandas as pd
 import ray
@@ -45,25 +47,38 @@ def _encode_step(config: BuildConfig):
     return guarded("encode", functools.partial(encode_members, resolution=config.resolution, video=video))
 
 
+def stage_kwargs(stage_cls: type, options: dict[str, Any], context: dict[str, str]) -> dict[str, Any]:
+    """Constructor arguments of a stage actor: its options plus the build context it asks for
+    (weights_dir, bank_path, ...), matched by parameter name."""
+    accepted = inspect.signature(stage_cls.__init__).parameters
+    return {**{k: v for k, v in context.items() if k in accepted}, **options}
+
+
 def build_dataset(
-    manifest: pd.DataFrame, config: BuildConfig, shards_dir: str, fence: tuple[str, str] | None = None
+    manifest: pd.DataFrame,
+    config: BuildConfig,
+    shards_dir: str,
+    fence: tuple[str, str] | None = None,
+    stage_context: dict[str, str] | None = None,
 ) -> ray.data.Dataset:
     """The lazy Dataset of writer status rows (one per manifest row) for the rows to build.
 
-    `fence` (lock file, run id) stops writers orphaned by a killed build from committing later.
+    `fence` (lock file, run id) stops writers orphaned by a killed build from committing later;
+    `stage_context` holds what stages may ask for in their constructor (weights_dir, bank_path).
     """
     rows = manifest.assign(error_stage="", error="", message="", timings="{}", annotations="[]")
     # One block per segment: the writer bundles `samples_per_shard` of them into each task.
     ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows)))
     ds = ds.map(_decode_step(config))
     for stage in config.stages:
+        stage_cls = get_stage(stage.name)
         ds = ds.map_batches(
-            get_stage(stage.name),
+            stage_cls,
             compute=ActorPoolStrategy(size=stage.pool_size),
             batch_size=stage.batch_size,
             num_gpus=stage.num_gpus,
             num_cpus=stage.num_cpus,
-            fn_constructor_kwargs=stage.options,
+            fn_constructor_kwargs=stage_kwargs(stage_cls, stage.options, stage_context or {}),
         )
     ds = ds.map(_encode_step(config)).map(as_writer_row)
     return ds.map_batches(

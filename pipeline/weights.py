@@ -39,8 +39,8 @@ class MissingWeights(FileNotFoundError):
     """Every missing or wrong weights file, in one message."""
 
 
-def load_weight_specs(path: Path = WEIGHTS_YAML) -> dict[str, WeightFile]:
-    data = yaml.safe_load(path.read_text()) or {}
+def load_weight_specs(path: Path | None = None) -> dict[str, WeightFile]:
+    data = yaml.safe_load((path or WEIGHTS_YAML).read_text()) or {}
     return {
         name: WeightFile(name, entry["path"], entry.get("sha256"), entry.get("origin", ""))
         for name, entry in data.items()
