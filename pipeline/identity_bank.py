@@ -155,7 +155,9 @@ def build_identity_bank(
         entry = _embed_identity(segments, app, resolution, crop_scale, frames_per_identity, min_iou)
         if not entry["frames_used"]:
             log.warning("identity %s skipped: %s", identity, entry["skip_reason"])
-        rows.append({"identity": str(identity), "dataset": str(dataset), "arcface_weights": arcface_id, **entry})
+        rows.append(
+            {"identity": str(identity), "dataset": str(dataset), "arcface_weights": arcface_id, **entry}
+        )
     added = pd.DataFrame(rows, columns=BANK_COLUMNS)
     bank = pd.concat([existing, added], ignore_index=True) if len(existing) else added
     bank = bank.sort_values("identity").reset_index(drop=True)

@@ -137,7 +137,12 @@ def write_tiny_arcface(dest: Path, seed: int) -> None:
     # export with built-in normalisation; these names keep the PyTorch-export preprocessing.
     nodes = [
         helper.make_node(
-            "Conv", ["input.1", "conv.weight", "conv.bias"], ["c"], "Conv_0", kernel_shape=[8, 8], strides=[8, 8]
+            "Conv",
+            ["input.1", "conv.weight", "conv.bias"],
+            ["c"],
+            "Conv_0",
+            kernel_shape=[8, 8],
+            strides=[8, 8],
         ),
         helper.make_node("Relu", ["c"], ["r"], "Relu_1"),
         helper.make_node("AveragePool", ["r"], ["p"], "AveragePool_2", kernel_shape=[2, 2], strides=[2, 2]),
@@ -166,7 +171,9 @@ def write_tiny_inswapper(dest: Path, seed: int) -> None:
         _init("residual.scale", np.array(0.5, np.float32)),
         _init("clip.min", np.array(0.0, np.float32)),
         _init("clip.max", np.array(1.0, np.float32)),
-        _init("emap", (rng.normal(0, 1, (512, 512)) / np.sqrt(512)).astype(np.float32)),  # last: read by INSwapper
+        _init(
+            "emap", (rng.normal(0, 1, (512, 512)) / np.sqrt(512)).astype(np.float32)
+        ),  # last: read by INSwapper
     ]
     nodes = [
         helper.make_node("Conv", ["target", "enc.weight", "enc.bias"], ["h"], pads=[1, 1, 1, 1]),
@@ -250,7 +257,9 @@ def load_face_analysis(
     folder = paths[SCRFD].parent.resolve()
     if any(path.parent.resolve() != folder for path in paths.values()):
         raise ValueError(f"{names} must sit in one folder (FaceAnalysis loads a folder); got {paths}")
-    app = FaceAnalysis(name=str(folder), root=str(folder.parent), allowed_modules=modules, providers=providers)
+    app = FaceAnalysis(
+        name=str(folder), root=str(folder.parent), allowed_modules=modules, providers=providers
+    )
     for module in modules:
         if module not in app.models:
             raise ValueError(f"FaceAnalysis found no {module} model among the .onnx files in {folder}")
@@ -336,7 +345,9 @@ class FaceSwapStage(Stage):
         from pipeline.identity_bank import load_identity_bank
 
         if det_size < 32 or det_size % 32:
-            raise ValueError(f"det_size must be a positive multiple of 32 (SCRFD's largest stride), got {det_size}")
+            raise ValueError(
+                f"det_size must be a positive multiple of 32 (SCRFD's largest stride), got {det_size}"
+            )
         if not 0.0 < det_thresh < 1.0:
             raise ValueError(f"det_thresh must be in (0, 1), got {det_thresh}")
         if not 0.0 <= min_iou <= 1.0:
@@ -352,7 +363,9 @@ class FaceSwapStage(Stage):
         self.detector = self.app.det_model
         self.swapper = load_inswapper(paths[INSWAPPER], self.providers)
         bank = load_identity_bank(Path(bank_path))
-        self.bank = {str(r.identity): np.asarray(r.normed, np.float32) for r in bank.itertuples() if r.frames_used}
+        self.bank = {
+            str(r.identity): np.asarray(r.normed, np.float32) for r in bank.itertuples() if r.frames_used
+        }
         if not self.bank:
             log.warning("identity bank %s has no usable identity: every swap clip will fail", bank_path)
         arcface_ids = sorted(set(bank["arcface_weights"]))
@@ -393,9 +406,11 @@ class FaceSwapStage(Stage):
         for start in range(0, len(frames), self.frame_batch):
             index = range(start, min(start + self.frame_batch, len(frames)))
             jobs = [(frames[t], None if boxes is None else boxes[t], source) for t in index]
-            results = self.pool.map(lambda job: self._swap_frame(*job), jobs) if self.pool else [
-                self._swap_frame(*job) for job in jobs
-            ]
+            results = (
+                self.pool.map(lambda job: self._swap_frame(*job), jobs)
+                if self.pool
+                else [self._swap_frame(*job) for job in jobs]
+            )
             for t, result in zip(index, results, strict=True):
                 if result is None:
                     without_face += 1
