@@ -1,16 +1,17 @@
 """The identity bank: one ArcFace embedding per identity of the manifest (`identities.parquet`), built
 before the face-swap stage, and the deterministic choice of each clip's source identity.
 
-Per identity, the bank decodes the first segment (by key) of that identity exactly as the DAG does
-(`decode_segment`), finds the face in a few evenly spaced frames the way the swap stage does
-(`find_face`: SCRFD, guided by the dataset's boxes where there are any), and averages the ArcFace
-embeddings. An identity whose segments show no face is kept as a row with `frames_used` 0 and a
+Per identity, the bank decodes the head (`window_frames`) of the identity's first segment by key
+with the DAG's own `decode_segment`, finds the face in a few evenly spaced frames the way the swap
+stage does (`find_face`: SCRFD, guided by the dataset's boxes where there are any) and averages
+the ArcFace embeddings. An identity whose segments show no face is kept as a row with `frames_used` 0 and a
 `skip_reason`, so a rerun does not retry it and the swap stage never draws it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -70,15 +71,33 @@ def choose_source_identity(
     return candidates[int.from_bytes(digest[:8], "big") % len(candidates)]
 
 
+def _head_of_segment(row: dict, window_frames: int) -> dict:
+    """The manifest row cut to its first `window_frames` frames: decoding a whole 240-frame segment
+    for three embeddings would dominate the bank's cost on real data."""
+    row = dict(row)
+    start = int(row["frame_start"])
+    stop = min(int(row["frame_stop"]), start + window_frames)
+    if row["face_boxes"]:
+        row["face_boxes"] = json.dumps(json.loads(str(row["face_boxes"]))[: stop - start])
+    row["frame_stop"] = stop
+    return row
+
+
 def _embed_identity(
-    rows: pd.DataFrame, app, resolution: int, crop_scale: float, frames_per_identity: int, min_iou: float
+    rows: pd.DataFrame,
+    app,
+    resolution: int,
+    crop_scale: float,
+    frames_per_identity: int,
+    window_frames: int,
+    min_iou: float,
 ) -> dict:
     """Try the identity's segments in key order until one yields faces; average their embeddings."""
     recognizer = app.models["recognition"]
     reasons = []
     for row in rows.to_dict("records"):
         try:
-            decoded = decode_segment(dict(row), resolution, crop_scale)
+            decoded = decode_segment(_head_of_segment(row, window_frames), resolution, crop_scale)
         except Exception as exc:  # noqa: BLE001 - a bad clip is recorded and the next one is tried
             reasons.append(f"{row['key']}: decode failed ({type(exc).__name__}: {exc})")
             continue
@@ -118,6 +137,7 @@ def build_identity_bank(
     weights_dir: Path,
     out_path: Path,
     frames_per_identity: int = 3,
+    window_frames: int = 32,
     max_clips_per_identity: int = 3,
     det_size: int = 256,
     det_thresh: float = 0.5,
@@ -128,8 +148,13 @@ def build_identity_bank(
 
     Idempotent: rows already in `out_path` that were made with the same ArcFace weights are kept and
     only identities it lacks are computed; when it already covers the manifest it is returned as is."""
-    if frames_per_identity < 1 or max_clips_per_identity < 1:
-        raise ValueError("frames_per_identity and max_clips_per_identity must be >= 1")
+    for option, value in (
+        ("frames_per_identity", frames_per_identity),
+        ("window_frames", window_frames),
+        ("max_clips_per_identity", max_clips_per_identity),
+    ):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
     out_path = Path(out_path)
     arcface_path = weight_paths(weights_dir, [ARCFACE])[ARCFACE]
     arcface_id = weights_id(arcface_path)
@@ -152,7 +177,9 @@ def build_identity_bank(
     rows = []
     for identity, dataset in todo.itertuples(index=False):
         segments = manifest[manifest["identity"] == identity].sort_values("key").head(max_clips_per_identity)
-        entry = _embed_identity(segments, app, resolution, crop_scale, frames_per_identity, min_iou)
+        entry = _embed_identity(
+            segments, app, resolution, crop_scale, frames_per_identity, window_frames, min_iou
+        )
         if not entry["frames_used"]:
             log.warning("identity %s skipped: %s", identity, entry["skip_reason"])
         rows.append(
