@@ -221,7 +221,7 @@ def weight_paths(weights_dir: str | Path, names: list[str]) -> dict[str, Path]:
     paths = {name: Path(weights_dir) / specs[name].path for name in names}
     for name, path in paths.items():
         try:
-            onnx.load_model(str(path), load_external_data=False)
+            weights_id(path)
         except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a damaged file
             raise ValueError(
                 f"{name}: {path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
@@ -230,16 +230,25 @@ def weight_paths(weights_dir: str | Path, names: list[str]) -> dict[str, Path]:
     return paths
 
 
+_WEIGHT_IDS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> id: parse a file once
+
+
 def weights_id(path: Path) -> str:
-    """'tiny' for our random-weight graphs, else the file's sha256 prefix (recorded per sample)."""
-    model = onnx.load_model(str(path), load_external_data=False)
-    if {p.key: p.value for p in model.metadata_props}.get(TINY_MARK) == "tiny":
-        return "tiny"
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    """'tiny' for our random-weight graphs, else the file's sha256 prefix (recorded per sample).
+    Parses the ONNX file, so an unreadable file raises here."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _WEIGHT_IDS:
+        model = onnx.load_model(str(path), load_external_data=False)
+        if {p.key: p.value for p in model.metadata_props}.get(TINY_MARK) == "tiny":
+            _WEIGHT_IDS[key] = "tiny"
+        else:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            _WEIGHT_IDS[key] = digest.hexdigest()[:12]
+    return _WEIGHT_IDS[key]
 
 
 def load_face_analysis(
