@@ -1,0 +1,195 @@
+"""The identity bank: one ArcFace embedding per identity of the manifest (`identities.parquet`), built
+before the face-swap stage, and the deterministic choice of each clip's source identity.
+
+Per identity, the bank decodes the head (`window_frames`) of the identity's first segment by key
+with the DAG's own `decode_segment`, finds the face in a few evenly spaced frames the way the swap
+stage does (`find_face`: SCRFD, guided by the dataset's boxes where there are any) and averages
+the ArcFace embeddings. An identity whose segments show no face is kept as a row with `frames_used` 0 and a
+`skip_reason`, so a rerun does not retry it and the swap stage never draws it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.segment import decode_segment
+from pipeline.stages.face_swap import (
+    ARCFACE,
+    find_face,
+    load_face_analysis,
+    onnx_providers,
+    parse_boxes,
+    weight_paths,
+    weights_id,
+)
+from pipeline.writer import atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+BANK_COLUMNS = [
+    "identity",
+    "dataset",
+    "clip_id",  # the clip the embedding came from ("" when skipped)
+    "frames_used",  # frames whose embeddings were averaged; 0 = skipped
+    "skip_reason",
+    "arcface_weights",  # weights id of the ArcFace model ("tiny" or sha256 prefix)
+    "embedding",  # float32 [512]: mean ArcFace embedding (empty when skipped)
+    "normed",  # float32 [512]: the same, unit length (what INSwapper reads)
+]
+
+
+def load_identity_bank(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"identity bank {path} does not exist; build it with build_identity_bank")
+    bank = pd.read_parquet(path)
+    missing = sorted(set(BANK_COLUMNS) - set(bank.columns))
+    if missing:
+        raise ValueError(f"identity bank {path} lacks columns {missing}")
+    return bank
+
+
+def choose_source_identity(
+    dataset: str, clip_id: str, own_identity: str, bank_identities: list[str], seed: int
+) -> str:
+    """The swap source of one clip: a hash of (dataset, clip_id, seed) over the other identities.
+
+    Every segment of a clip gets the same source; the clip's own identity is never drawn."""
+    candidates = sorted(set(bank_identities) - {own_identity})
+    if not candidates:
+        raise ValueError(
+            f"the identity bank has no identity other than {own_identity!r} "
+            f"({len(set(bank_identities))} usable identities): cannot pick a swap source"
+        )
+    # Salted so the draw is independent of the bucket hash, which also hashes the clip id and seed.
+    digest = hashlib.sha256(f"swap-source\0{dataset}\0{clip_id}\0{seed}".encode()).digest()
+    return candidates[int.from_bytes(digest[:8], "big") % len(candidates)]
+
+
+def _head_of_segment(row: dict, window_frames: int) -> dict:
+    """The manifest row cut to its first `window_frames` frames: decoding a whole 240-frame segment
+    for three embeddings would dominate the bank's cost on real data."""
+    row = dict(row)
+    start = int(row["frame_start"])
+    stop = min(int(row["frame_stop"]), start + window_frames)
+    if row["face_boxes"]:
+        row["face_boxes"] = json.dumps(json.loads(str(row["face_boxes"]))[: stop - start])
+    row["frame_stop"] = stop
+    return row
+
+
+def _embed_identity(
+    rows: pd.DataFrame,
+    app,
+    resolution: int,
+    crop_scale: float,
+    frames_per_identity: int,
+    window_frames: int,
+    min_iou: float,
+) -> dict:
+    """Try the identity's segments in key order until one yields faces; average their embeddings."""
+    recognizer = app.models["recognition"]
+    reasons = []
+    for row in rows.to_dict("records"):
+        try:
+            decoded = decode_segment(_head_of_segment(row, window_frames), resolution, crop_scale)
+        except Exception as exc:  # noqa: BLE001 - a bad clip is recorded and the next one is tried
+            reasons.append(f"{row['key']}: decode failed ({type(exc).__name__}: {exc})")
+            continue
+        frames = decoded["frames"]
+        boxes = parse_boxes(decoded, len(frames))
+        picks = np.unique(np.linspace(0, len(frames) - 1, frames_per_identity).round().astype(int))
+        embeddings = []
+        for t in picks:
+            bgr = np.ascontiguousarray(frames[t][..., ::-1])
+            face = find_face(app.det_model, bgr, None if boxes is None else boxes[t], min_iou)
+            if face is not None:
+                embeddings.append(recognizer.get(bgr, face))
+        if not embeddings:
+            reasons.append(f"{row['key']}: no face in frames {picks.tolist()}")
+            continue
+        mean = np.mean(embeddings, axis=0).astype(np.float32)
+        return {
+            "clip_id": str(row["clip_id"]),
+            "frames_used": len(embeddings),
+            "skip_reason": "",
+            "embedding": mean,
+            "normed": (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32),
+        }
+    return {
+        "clip_id": "",
+        "frames_used": 0,
+        "skip_reason": "; ".join(reasons)[:2000],
+        "embedding": np.zeros(0, np.float32),
+        "normed": np.zeros(0, np.float32),
+    }
+
+
+def build_identity_bank(
+    manifest: pd.DataFrame,
+    resolution: int,
+    crop_scale: float,
+    weights_dir: Path,
+    out_path: Path,
+    frames_per_identity: int = 3,
+    window_frames: int = 32,
+    max_clips_per_identity: int = 3,
+    det_size: int = 256,
+    det_thresh: float = 0.5,
+    min_iou: float = 0.3,
+    device: str = "auto",
+) -> pd.DataFrame:
+    """Write `out_path` (identities.parquet, atomically) with one row per identity of the manifest.
+
+    Idempotent: rows already in `out_path` that were made with the same ArcFace weights are kept and
+    only identities it lacks are computed; when it already covers the manifest it is returned as is."""
+    for option, value in (
+        ("frames_per_identity", frames_per_identity),
+        ("window_frames", window_frames),
+        ("max_clips_per_identity", max_clips_per_identity),
+    ):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    out_path = Path(out_path)
+    arcface_path = weight_paths(weights_dir, [ARCFACE])[ARCFACE]
+    arcface_id = weights_id(arcface_path)
+    wanted = manifest.drop_duplicates("identity")[["identity", "dataset"]]
+    existing = pd.DataFrame(columns=BANK_COLUMNS)
+    if out_path.is_file():
+        existing = load_identity_bank(out_path)
+        stale = existing["arcface_weights"] != arcface_id
+        if stale.any():
+            log.info("identity bank %s was built with other ArcFace weights: rebuilding", out_path)
+            existing = existing[~stale]
+    todo = wanted[~wanted["identity"].isin(set(existing["identity"]))]
+    if todo.empty:
+        log.info("identity bank %s covers all %d identities: reusing it", out_path, len(wanted))
+        return existing.reset_index(drop=True)
+
+    app = load_face_analysis(
+        weights_dir, ["detection", "recognition"], onnx_providers(device), det_size, det_thresh
+    )
+    rows = []
+    for identity, dataset in todo.itertuples(index=False):
+        segments = manifest[manifest["identity"] == identity].sort_values("key").head(max_clips_per_identity)
+        entry = _embed_identity(
+            segments, app, resolution, crop_scale, frames_per_identity, window_frames, min_iou
+        )
+        if not entry["frames_used"]:
+            log.warning("identity %s skipped: %s", identity, entry["skip_reason"])
+        rows.append(
+            {"identity": str(identity), "dataset": str(dataset), "arcface_weights": arcface_id, **entry}
+        )
+    added = pd.DataFrame(rows, columns=BANK_COLUMNS)
+    bank = pd.concat([existing, added], ignore_index=True) if len(existing) else added
+    bank = bank.sort_values("identity").reset_index(drop=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_parquet(out_path, bank)
+    usable = int((bank["frames_used"] > 0).sum())
+    log.info("identity bank %s: %d identities, %d usable", out_path, len(bank), usable)
+    return bank

@@ -1,0 +1,116 @@
+"""The identity bank on the tiny profile: one ArcFace embedding per identity, deterministic source draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from swap_helpers import make_manifest
+
+from pipeline.identity_bank import BANK_COLUMNS, build_identity_bank, choose_source_identity
+from pipeline.stages.face_swap import ARCFACE, INSWAPPER, SCRFD
+from pipeline.weights import ensure_tiny_weights
+
+RESOLUTION = 128
+
+
+@pytest.fixture(scope="session")
+def bank_weights(tmp_path_factory):
+    return ensure_tiny_weights(tmp_path_factory.mktemp("swap_weights"), [SCRFD, ARCFACE, INSWAPPER])
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    # Two clips of person00 (the bank uses the first by key), a box-less CelebV-HQ-like clip, and a
+    # black clip in which no face can be found.
+    clips = [
+        dict(clip_id="a0", identity=0, num_frames=6),
+        dict(clip_id="a1", identity=0, num_frames=6),
+        dict(clip_id="b0", identity=1, num_frames=6),
+        dict(clip_id="c0", identity=2, num_frames=6, with_boxes=False),
+        dict(clip_id="dark", identity=3, num_frames=6, black=True),
+    ]
+    return make_manifest(tmp_path_factory.mktemp("bank_clips"), clips)
+
+
+@pytest.fixture(scope="module")
+def bank_and_path(manifest, bank_weights, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bank") / "identities.parquet"
+    return build_identity_bank(manifest, RESOLUTION, 1.8, bank_weights, path, device="cpu"), path
+
+
+def test_one_row_per_identity_with_unit_embeddings(bank_and_path, manifest):
+    bank, path = bank_and_path
+    assert list(bank.columns) == BANK_COLUMNS
+    assert sorted(bank["identity"]) == sorted(manifest["identity"].unique())
+    assert bank["identity"].is_unique
+    on_disk = pd.read_parquet(path)
+    assert sorted(on_disk["identity"]) == sorted(bank["identity"])
+    usable = bank[bank["frames_used"] > 0]
+    assert sorted(usable["identity"]) == ["person00", "person01", "person02"]
+    for row in usable.itertuples():
+        embedding, normed = np.asarray(row.embedding), np.asarray(row.normed)
+        assert embedding.shape == (512,) and normed.shape == (512,)
+        assert np.isclose(np.linalg.norm(normed), 1.0, atol=1e-5)
+        assert np.allclose(normed, embedding / np.linalg.norm(embedding), atol=1e-5)
+        assert row.arcface_weights == "tiny"
+    assert bank.set_index("identity").loc["person00", "clip_id"] == "a0"  # the first segment by key
+    assert bank.set_index("identity").loc["person02", "dataset"] == "demo-celebvhq"
+    # Different people get different embeddings.
+    normed = np.stack([np.asarray(v) for v in usable["normed"]])
+    assert np.abs(normed @ normed.T - np.eye(len(normed))).max() > 1e-3
+
+
+def test_identity_without_face_is_recorded_not_embedded(bank_and_path):
+    bank, _ = bank_and_path
+    dark = bank.set_index("identity").loc["person03"]
+    assert dark["frames_used"] == 0
+    assert "no face" in dark["skip_reason"]
+    assert len(dark["embedding"]) == 0
+
+
+def test_bank_is_deterministic_and_reused(bank_and_path, manifest, bank_weights, tmp_path):
+    bank, path = bank_and_path
+    again = build_identity_bank(manifest, RESOLUTION, 1.8, bank_weights, tmp_path / "identities.parquet")
+    for a, b in zip(bank["normed"], again["normed"], strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # Covered: returned as is, the file is not rewritten.
+    stamp = path.stat().st_mtime_ns
+    reused = build_identity_bank(manifest, RESOLUTION, 1.8, bank_weights, path)
+    assert path.stat().st_mtime_ns == stamp
+    assert sorted(reused["identity"]) == sorted(bank["identity"])
+
+
+def test_bank_adds_only_new_identities(bank_and_path, manifest, bank_weights, tmp_path):
+    bank, path = bank_and_path
+    copy = tmp_path / "identities.parquet"
+    copy.write_bytes(path.read_bytes())
+    extra = make_manifest(tmp_path / "clips", [dict(clip_id="e0", identity=4, num_frames=6)])
+    grown = build_identity_bank(pd.concat([manifest, extra]), RESOLUTION, 1.8, bank_weights, copy)
+    assert sorted(grown["identity"]) == sorted([*bank["identity"], "person04"])
+    old = grown.set_index("identity").loc["person00", "normed"]
+    assert np.array_equal(np.asarray(old), np.asarray(bank.set_index("identity").loc["person00", "normed"]))
+
+
+def test_choose_source_identity_is_deterministic_and_never_own():
+    identities = [f"id{i}" for i in range(7)]
+    picks = {}
+    for n in range(400):
+        own = identities[n % 7]
+        pick = choose_source_identity("vfhq", f"clip{n}", own, identities, seed=0)
+        assert pick != own and pick in identities
+        assert pick == choose_source_identity("vfhq", f"clip{n}", own, list(reversed(identities)), seed=0)
+        picks[n] = pick
+    assert len(set(picks.values())) == 7  # spread over the bank
+    other_seed = [choose_source_identity("vfhq", f"clip{n}", "none", identities, seed=1) for n in range(400)]
+    assert other_seed != [
+        choose_source_identity("vfhq", f"clip{n}", "none", identities, 0) for n in range(400)
+    ]
+
+
+def test_choose_source_identity_needs_another_identity():
+    with pytest.raises(ValueError, match="no identity other than 'solo'"):
+        choose_source_identity("vfhq", "clip", "solo", ["solo"], seed=0)
+    with pytest.raises(ValueError, match="no identity other than"):
+        choose_source_identity("vfhq", "clip", "solo", [], seed=0)
+    assert choose_source_identity("vfhq", "clip", "solo", ["solo", "other"], seed=0) == "other"
