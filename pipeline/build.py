@@ -103,7 +103,7 @@ def _check_recipe(out: Path, config: BuildConfig) -> None:
 
 def _clear_outputs(out: Path) -> None:
     shutil.rmtree(out / "shards", ignore_errors=True)
-    for name in ("index.parquet", "failures.parquet", "manifest.parquet", "build.json"):
+    for name in ("index.parquet", "failures.parquet", "manifest.parquet", "identities.parquet", "build.json"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -119,6 +119,18 @@ def prepare_stage_weights(config: BuildConfig) -> Path | None:
     else:
         require_weights(weights_dir, names)
     return weights_dir
+
+
+def _identity_bank(manifest: pd.DataFrame, config: BuildConfig, out: Path, weights_dir: Path | None) -> Path:
+    """identities.parquet from the whole manifest (not only what is left), so a resumed run draws
+    swap sources from the same bank."""
+    from pipeline.identity_bank import build_identity_bank
+
+    (swap,) = [stage for stage in config.stages if stage.name == "swap"]
+    bank_path = out / "identities.parquet"
+    device = swap.options.get("device", "auto")
+    build_identity_bank(manifest, config.resolution, config.crop_scale, weights_dir, bank_path, device=device)
+    return bank_path
 
 
 def _failure_rows(failures) -> list[dict[str, str]]:
@@ -194,7 +206,9 @@ def _build_locked(
     )
     _write_build_json(out, config, None)
     if len(todo):
-        stage_context = {"weights_dir": str(weights_dir) if weights_dir else ""}
+        stage_context = {"weights_dir": str(weights_dir) if weights_dir else "", "seed": config.seed}
+        if any(stage.name == "swap" for stage in config.stages):
+            stage_context["bank_path"] = str(_identity_bank(manifest, config, out, weights_dir))
         failures += _run_dag(todo, config, shards_dir, progress, fence, stage_context)
     index = merge_index(out, shards_dir)
     failure_frame = write_failures(out, failures)
@@ -228,7 +242,7 @@ def _run_dag(
     shards_dir: Path,
     progress: bool,
     fence: tuple[str, str],
-    stage_context: dict[str, str],
+    stage_context: dict[str, Any],
 ) -> list[dict[str, str]]:
     """Run the Ray Data plan over `todo`; returns the failure rows of samples that did not make it."""
     from pipeline.dag import build_dataset, init_ray  # Ray is imported only when there is work

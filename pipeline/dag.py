@@ -47,7 +47,7 @@ def _encode_step(config: BuildConfig):
     return guarded("encode", functools.partial(encode_members, resolution=config.resolution, video=video))
 
 
-def stage_kwargs(stage_cls: type, options: dict[str, Any], context: dict[str, str]) -> dict[str, Any]:
+def stage_kwargs(stage_cls: type, options: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments of a stage actor: its options plus the build context it asks for
     (weights_dir, bank_path, ...), matched by parameter name."""
     accepted = inspect.signature(stage_cls.__init__).parameters
@@ -59,7 +59,7 @@ def build_dataset(
     config: BuildConfig,
     shards_dir: str,
     fence: tuple[str, str] | None = None,
-    stage_context: dict[str, str] | None = None,
+    stage_context: dict[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """The lazy Dataset of writer status rows (one per manifest row) for the rows to build.
 
