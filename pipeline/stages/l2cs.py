@@ -72,7 +72,8 @@ def load_l2cs(path: Path, device: torch.device | str = "cpu") -> L2CS:
         raise L2CSWeightsError(f"cannot read L2CS weights {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise L2CSWeightsError(f"{path} does not hold a state_dict of tensors (got {type(state).__name__})")
-    model = L2CS()
+    with torch.device("meta"):  # shapes only: the file supplies every tensor (assign=True below)
+        model = L2CS()
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -88,7 +89,7 @@ def load_l2cs(path: Path, device: torch.device | str = "cpu") -> L2CS:
     ]
     if wrong:
         raise L2CSWeightsError(f"{path}: {len(wrong)} tensors have the wrong shape: {_preview(wrong)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
 
 
