@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dataset", choices=DATASETS, default="demo")
     build.add_argument("--root", required=True, help="dataset folder (demo: where to generate it)")
     build.add_argument("--out", required=True, help="output folder")
-    build.add_argument("--config", help="YAML config (default: configs/data/<dataset>.yaml)")
+    build.add_argument(
+        "--config", help="YAML overlay on configs/data/<dataset>.yaml, e.g. configs/data/cluster-8gpu.yaml"
+    )
     build.add_argument("--overwrite", action="store_true", help="delete earlier output and start over")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument(

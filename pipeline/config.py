@@ -165,19 +165,30 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return result
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def load_build_config(
     dataset: str,
     config_path: str | Path | None = None,
     overrides: list[str] | None = None,
     **fields: Any,
 ) -> BuildConfig:
-    """Defaults <- configs/data/<dataset>.yaml (or `config_path`) <- explicit fields <- key=value overrides."""
-    path = Path(config_path) if config_path else CONFIG_DIR / f"{dataset}.yaml"
+    """Layers, later wins: configs/data/defaults.yaml <- configs/data/<dataset>.yaml <- `config_path`
+    (an overlay such as cluster-8gpu.yaml) <- explicit fields <- key=value overrides. Lists (stages)
+    are replaced whole, mappings merged key by key."""
     data: dict[str, Any] = {}
-    if path.exists():
-        data = yaml.safe_load(path.read_text()) or {}
-    elif config_path:
-        raise FileNotFoundError(f"config file {path} does not exist")
+    for path in (CONFIG_DIR / "defaults.yaml", CONFIG_DIR / f"{dataset}.yaml"):
+        if path.exists():
+            data = _deep_merge(data, _read_yaml(path))
+    if config_path:
+        if not Path(config_path).exists():
+            raise FileNotFoundError(f"config file {config_path} does not exist")
+        data = _deep_merge(data, _read_yaml(Path(config_path)))
     data = _deep_merge(data, {"dataset": dataset})
     data = _deep_merge(data, {k: v for k, v in fields.items() if v is not None})
     data = _deep_merge(data, parse_overrides(overrides or []))

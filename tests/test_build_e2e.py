@@ -161,7 +161,8 @@ def test_bad_clips_are_recorded_and_the_rest_is_built_with_make_shards(tmp_path:
     (root / "frames" / broken / "00000010.png").write_bytes(b"\x89PNG garbage")
 
     bin_dir = Path(PYTHON).parent
-    overrides = "resolution=64 samples_per_shard=2 min_frames=8 max_failure_fraction=0.5"
+    # No annotators: this test is about bad input (real datasets default to the full-profile stages).
+    overrides = "resolution=64 samples_per_shard=2 min_frames=8 max_failure_fraction=0.5 stages=[]"
     command = [
         "make",
         "-o",
@@ -194,6 +195,7 @@ def test_corrupt_video_is_recorded_and_failure_threshold_sets_the_exit_code(tmp_
     make_celebvhq(root, {"aa_0": ("aa", 0, 16), "bb_1": ("bb", 1, 16), "cc_2": ("cc", 2, 16)})
     (root / "videos" / "cc_2.mp4").write_bytes(np.random.default_rng(1).bytes(4096))
     args = ["--dataset", "celebvhq", "--root", str(root), "--out", str(out), "resolution=64", "min_frames=8"]
+    args.append("stages=[]")
     result = build(*args, "max_failure_fraction=0.2")
     assert result.returncode == 1 and "above max_failure_fraction" in result.stderr  # 1 of 3 failed
     samples = assert_contract(out)
