@@ -76,6 +76,7 @@ class BuildConfig:
     samples_per_shard: int = 64
     max_failure_fraction: float = 0.1  # above it the run exits non-zero (its shards stay committed)
     num_cpus: int | None = None  # local Ray only; None = every core
+    task_num_cpus: float = 1.0  # CPUs each decode / encode / write task reserves
     profile: str = "full"  # full: real weights under weights_dir / $WEIGHTS_DIR; tiny: random, generated
     weights_dir: str | None = None  # tiny: defaults to ~/.cache/megactor/tiny_weights
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -97,6 +98,8 @@ class BuildConfig:
             raise ValueError(f"mix shares must be >= 0 and sum to 1, got {self.mix}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.task_num_cpus <= 0:
+            raise ValueError(f"task_num_cpus must be > 0, got {self.task_num_cpus}")
         if self.profile not in ("tiny", "full"):
             raise ValueError(f"profile must be 'tiny' or 'full', got {self.profile!r}")
         if self.crop_scale < 1.0:

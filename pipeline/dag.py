@@ -47,6 +47,25 @@ def _encode_step(config: BuildConfig):
     return guarded("encode", functools.partial(encode_members, resolution=config.resolution, video=video))
 
 
+def check_resources(config: BuildConfig, available: dict[str, float]) -> None:
+    """The actor pools must leave room for at least one CPU task, or Ray Data waits forever."""
+    need = {
+        "CPU": sum(s.num_cpus * s.pool_size for s in config.stages) + config.task_num_cpus,
+        "GPU": sum(s.num_gpus * s.pool_size for s in config.stages),
+    }
+    short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0) + 1e-9}
+    if short:
+        details = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+        message = (
+            f"the stages' actor pools plus one task need more than the cluster offers ({details}); "
+            "lower the stages' num_cpus / num_gpus / pool_size or task_num_cpus"
+        )
+        if os.environ.get("RAY_ADDRESS"):
+            log.warning("%s (an autoscaling cluster may still grow)", message)
+        else:
+            raise ValueError(message)
+
+
 def stage_kwargs(stage_cls: type, options: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments of a stage actor: its options plus the build context it asks for
     (weights_dir, bank_path, ...), matched by parameter name."""
@@ -69,7 +88,9 @@ def build_dataset(
     rows = manifest.assign(error_stage="", error="", message="", timings="{}", annotations="[]")
     # One block per segment: the writer bundles `samples_per_shard` of them into each task.
     ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows)))
-    ds = ds.map(_decode_step(config))
+    check_resources(config, ray.cluster_resources())
+    task_cpus = config.task_num_cpus
+    ds = ds.map(_decode_step(config), num_cpus=task_cpus)
     for stage in config.stages:
         stage_cls = get_stage(stage.name)
         ds = ds.map_batches(
@@ -80,9 +101,10 @@ def build_dataset(
             num_cpus=stage.num_cpus,
             fn_constructor_kwargs=stage_kwargs(stage_cls, stage.options, stage_context or {}),
         )
-    ds = ds.map(_encode_step(config)).map(as_writer_row)
+    ds = ds.map(_encode_step(config), num_cpus=task_cpus).map(as_writer_row, num_cpus=task_cpus)
     return ds.map_batches(
         write_shard_batch,
         batch_size=config.samples_per_shard,
+        num_cpus=task_cpus,
         fn_kwargs={"shards_dir": shards_dir, "fence": fence},
     )
