@@ -20,6 +20,8 @@ import webdataset as wds
 from lookalike import REPO, make_celebvhq, make_vfhq_clip
 
 from pipeline import contract
+from pipeline.config import load_build_config
+from pipeline.stages import get_stage
 from pipeline.video import read_video_frames
 
 pytestmark = pytest.mark.slow
@@ -95,6 +97,25 @@ def test_demo_build_meets_the_contract_and_a_rerun_writes_nothing(tmp_path: Path
     assert manifest.groupby(["dataset", "clip_id"])["segment"].max().max() >= 1  # long clips were split
     assert len(pd.read_parquet(out / "failures.parquet")) == 0
     assert "samples written" in result.stderr
+    # Every annotator of the demo ran on every sample of its bucket, and only there.
+    stages = {s.name: get_stage(s.name).buckets for s in load_build_config("demo").stages}
+    assert {"face_mask", "foreground", "gaze", "swap", "stylise"} <= set(stages)
+    for sample in samples:
+        meta = contract.SampleMeta.from_json_bytes(sample["json"])
+        expected = {name for name, buckets in stages.items() if buckets is None or meta.bucket in buckets}
+        assert set(meta.annotations) == expected, meta.key
+        assert {contract.FACE_MASK, contract.FG_MASK, contract.GAZE} <= set(sample)
+        assert (contract.SWAP in sample) == (meta.bucket == "swap")
+        assert (contract.STYLE in sample) == (meta.bucket == "style")
+        frames = meta.num_frames
+        assert contract.decode_mask(sample[contract.FACE_MASK]).shape == (
+            frames,
+            meta.resolution,
+            meta.resolution,
+        )
+        assert contract.decode_gaze(sample[contract.GAZE]).shape == (frames, 2)
+        assert meta.fg_backend in ("parsing", "densepose") and meta.gaze_scores
+    assert {json.loads(s["json"])["bucket"] for s in samples} == {"real", "swap", "style"}
 
     before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
     started = time.monotonic()
