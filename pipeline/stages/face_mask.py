@@ -84,7 +84,7 @@ def label_ids(model: str, labels: Iterable[str | int]) -> list[int]:
     return sorted(set(ids))
 
 
-def _check_int(option: str, value: Any, minimum: int) -> int:
+def check_int(option: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{option} must be an integer >= {minimum}, got {value!r}")
     return int(value)
@@ -110,11 +110,11 @@ class FaceParser:
         if model not in PARSING_MODELS:
             raise ValueError(f"model must be one of {PARSING_MODELS}, got {model!r}")
         self.model = model
-        self.input_size = _check_int("input_size", input_size, 32)
+        self.input_size = check_int("input_size", input_size, 32)
         if self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
-        self.frame_batch = _check_int("frame_batch", frame_batch, 1)
-        self.frame_step = _check_int("frame_step", frame_step, 1)
+        self.frame_batch = check_int("frame_batch", frame_batch, 1)
+        self.frame_step = check_int("frame_step", frame_step, 1)
         self.device = resolve_device(device)
         self.path = Path(weights_dir) / load_weight_specs()[model].path
         if self.path.name != FACEXLIB_FILES[model]:
