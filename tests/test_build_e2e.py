@@ -27,9 +27,12 @@ from pipeline.video import read_video_frames
 pytestmark = pytest.mark.slow
 
 PYTHON = sys.executable
+# A small demo without annotators, for the tests about writing, resuming and submitting: the
+# annotators are covered by the default-demo test and their own tests.
 SMALL_DEMO = [
     "demo.identities=3", "demo.vfhq_clips=3", "demo.celebvhq_clips=3", "demo.min_frames=20",
     "demo.max_frames=40", "max_frames=24", "min_frames=8", "resolution=128", "samples_per_shard=2",
+    "stages=[]",
 ]  # fmt: skip
 
 
@@ -226,7 +229,9 @@ def test_corrupt_video_is_recorded_and_failure_threshold_sets_the_exit_code(tmp_
 
 
 def test_missing_root_is_one_clear_error(tmp_path: Path) -> None:
-    result = build("--dataset", "vfhq", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
+    result = build(
+        "--dataset", "vfhq", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "stages=[]"
+    )
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
