@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.sources.demo import make_identity, render_clip  # noqa: E402
-from pipeline.stages import STAGES  # noqa: E402
+from pipeline.stages import load_all_stages  # noqa: E402
 from pipeline.weights import ensure_tiny_weights  # noqa: E402
 
 # stage name -> (benchmark module, extra keyword arguments of its bench function)
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     weights_dir = Path(args.weights_dir or tempfile.mkdtemp(prefix="bench_weights_"))
     if not args.weights_dir:
-        needed = [n for name in BENCHES if name in STAGES for n in STAGES[name].weights_needed({})]
+        stages = load_all_stages()
+        needed = [n for name in BENCHES for n in stages[name].weights_needed({})]
         ensure_tiny_weights(weights_dir, needed)
     size = args.resolution
     frames, boxes, _ = render_clip(make_identity(0), args.frames, (size, size), size * 0.47, 0.5, seed=0)

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from pipeline.stages import STAGES  # noqa: F401 - importing the stages registers their tiny writers
+    from pipeline.stages import load_all_stages
     from pipeline.weights import (
         TINY_WRITERS,
         check_weights,
@@ -58,6 +58,7 @@ def _weights(args: argparse.Namespace) -> int:
     )
 
     if args.weights_command == "tiny":
+        load_all_stages()
         ensure_tiny_weights(Path(args.dir), TINY_WRITERS)
         log.info("tiny weights for %s in %s", ", ".join(sorted(TINY_WRITERS)), args.dir)
         return 0

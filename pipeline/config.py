@@ -23,7 +23,7 @@ class VideoConfig:
     crf: int = 18
     preset: str = "veryfast"
     gop: int = 16  # a short GOP keeps the trainer's random access cheap
-    threads: int = 1
+    threads: int = 1  # encoder, decoder and OpenCV threads per task: Ray runs one task per CPU
 
 
 @dataclass

@@ -17,8 +17,9 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline.config import BuildConfig
+from pipeline.rows import guarded
 from pipeline.segment import decode_segment
-from pipeline.stages.base import get_stage, guarded
+from pipeline.stages.base import get_stage
 from pipeline.video import EncodeSettings
 from pipeline.writer import as_writer_row, encode_members, write_shard_batch
 
@@ -38,7 +39,12 @@ def init_ray(num_cpus: int | None) -> None:
 
 
 def _decode_step(config: BuildConfig):
-    decode = functools.partial(decode_segment, resolution=config.resolution, crop_scale=config.crop_scale)
+    decode = functools.partial(
+        decode_segment,
+        resolution=config.resolution,
+        crop_scale=config.crop_scale,
+        threads=config.video.threads,
+    )
     return guarded("decode", decode)
 
 

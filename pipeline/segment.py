@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from pipeline.stages.base import Row
+from pipeline.rows import Row
 from pipeline.video import (
     centre_square_box,
     crop_and_resize,
@@ -17,13 +18,17 @@ from pipeline.video import (
 )
 
 
-def decode_segment(row: Row, resolution: int, crop_scale: float) -> Row:
+def decode_segment(row: Row, resolution: int, crop_scale: float, threads: int = 0) -> Row:
     """Add `frames` (uint8 [T,R,R,3]) and `crop_box` (x0, y0, x1, y1 in source pixels) to a manifest
-    row, and move its `face_boxes` (JSON, per frame) into output pixels; "" when the dataset has none."""
+    row, and move its `face_boxes` (JSON, per frame) into output pixels; "" when the dataset has none.
+
+    threads: decoder and OpenCV threads; 1 inside Ray tasks, which already run one per CPU."""
+    if threads:
+        cv2.setNumThreads(threads)
     start, stop = int(row["frame_start"]), int(row["frame_stop"])
     source = Path(str(row["source"]))
     if row["source_kind"] == "video":
-        frames = read_video_frames(source, start, stop)
+        frames = read_video_frames(source, start, stop, threads)
     else:
         frames = read_image_frames(source, start, stop)
     _, height, width, _ = frames.shape

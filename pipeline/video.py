@@ -56,16 +56,23 @@ def probe_video(path: str | Path) -> VideoInfo:
         return VideoInfo(num_frames, fps, stream.codec_context.width, stream.codec_context.height)
 
 
-def read_video_frames(source: str | Path | bytes, start: int = 0, stop: int | None = None) -> np.ndarray:
+def read_video_frames(
+    source: str | Path | bytes, start: int = 0, stop: int | None = None, threads: int = 0
+) -> np.ndarray:
     """Decode frames [start, stop) of a video file or in-memory video as RGB uint8 (T, H, W, 3).
 
+    threads: decoder threads, 0 = as many as the codec likes (1 inside a Ray task: one task per CPU).
     Raises ValueError when the video ends before `stop` or holds no decodable frame in range.
     """
     handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     frames: list[np.ndarray] = []
     with av.open(handle) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        if threads == 1:
+            stream.codec_context.thread_count = 1
+        else:
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
         for index, frame in enumerate(container.decode(stream)):
             if index < start:
                 continue

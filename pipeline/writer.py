@@ -25,7 +25,7 @@ import webdataset as wds
 
 from pipeline import contract
 from pipeline.contract import SampleMeta
-from pipeline.stages.base import ERROR_FIELDS, Row, batch_to_rows, is_failed
+from pipeline.rows import ERROR_FIELDS, Row, batch_to_rows, is_failed
 from pipeline.video import EncodeSettings, encode_mp4
 
 log = logging.getLogger(__name__)

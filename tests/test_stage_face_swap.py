@@ -11,7 +11,7 @@ import pytest
 from swap_helpers import decoded_row, make_manifest
 
 from pipeline.identity_bank import build_identity_bank
-from pipeline.stages.base import batch_to_rows, rows_to_batch
+from pipeline.rows import batch_to_rows, rows_to_batch
 from pipeline.stages.face_swap import ARCFACE, INSWAPPER, SCRFD, FaceSwapStage, load_face_analysis
 from pipeline.weights import MissingWeights, ensure_tiny_weights, load_weight_specs
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from skimage.data import astronaut
 
-from pipeline.stages.base import batch_to_rows, rows_to_batch
+from pipeline.rows import batch_to_rows, rows_to_batch
 from pipeline.stages.face_mask import FaceParser, label_ids, write_tiny_parsenet
 from pipeline.stages.foreground import (
     DENSEPOSE_WEIGHTS,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.rows import rows_to_batch
 from pipeline.sources.demo import make_identity, render_clip
-from pipeline.stages.base import rows_to_batch
 from pipeline.stages.gaze import GazeStage
 from pipeline.stages.l2cs import L2CS, L2CSWeightsError, decode_gaze360, load_l2cs, write_tiny_l2cs
 from pipeline.weights import MissingWeights, ensure_tiny_weights, load_weight_specs

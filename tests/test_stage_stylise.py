@@ -10,7 +10,7 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 from transformers import CLIPTokenizer
 
-from pipeline.stages.base import rows_to_batch
+from pipeline.rows import rows_to_batch
 from pipeline.stages.stylise import DEFAULT_PROMPT, StyliseStage, clip_seed
 from pipeline.weights import MissingWeights, ensure_tiny_weights, load_weight_specs
 

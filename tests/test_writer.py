@@ -9,7 +9,8 @@ import pytest
 import webdataset as wds
 
 from pipeline import contract
-from pipeline.stages.base import Stage, batch_to_rows, guarded, rows_to_batch
+from pipeline.rows import batch_to_rows, guarded, rows_to_batch
+from pipeline.stages.base import Stage
 from pipeline.video import EncodeSettings, read_video_frames
 from pipeline.writer import (
     as_writer_row,

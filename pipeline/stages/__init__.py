@@ -1,8 +1,5 @@
-"""Annotators (one module each) and the interface they share (base.py)."""
+"""Annotators (one module each, imported on first use) and the interface they share (base.py)."""
 
-from pipeline.stages.base import STAGES, Stage, get_stage, register_stage
+from pipeline.stages.base import STAGE_MODULES, STAGES, Stage, get_stage, load_all_stages, register_stage
 
-# Importing a stage module registers the stage and the tiny writers of its weights.
-from pipeline.stages import face_mask, face_swap, foreground, gaze, stylise  # noqa: E402, F401  isort: skip
-
-__all__ = ["STAGES", "Stage", "get_stage", "register_stage"]
+__all__ = ["STAGES", "STAGE_MODULES", "Stage", "get_stage", "load_all_stages", "register_stage"]

@@ -1,99 +1,27 @@
-"""The annotator interface and the row conventions every DAG step follows.
-
-A row is one clip segment travelling through Ray Data as a dict. Besides the manifest fields it
-carries `frames` (uint8 [T,R,R,3]) after decoding, and three string fields for failures:
-`error_stage`, `error`, `message` (empty while the row is healthy). A step that fails on a row marks
-it and drops its frames; every later step passes a failed row through untouched and the writer turns
-it into a failure record. Nothing raises out of a row, so one bad clip never stops a run.
+"""The annotator interface and registry.
 
 An annotator is a `Stage` subclass: its model is loaded once per actor in `__init__`, rows are
 processed in `process`, and the DAG gives it the resources its StageConfig names. Stages that only
 apply to some buckets (face swap, stylisation) say so in `buckets`; other rows pass through untouched.
+Stage modules are imported only when a build uses them, so CPU tasks never load torch or ONNX.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-import logging
-import time
-import traceback
-from collections.abc import Callable
 from typing import Any, ClassVar
 
-import numpy as np
+from pipeline.rows import Batch, Row, batch_to_rows, guarded, is_failed, rows_to_batch
 
-log = logging.getLogger(__name__)
-
-Row = dict[str, Any]
-Batch = dict[str, np.ndarray]
-ERROR_FIELDS = ("error_stage", "error", "message")
-
-
-def is_failed(row: Row) -> bool:
-    return bool(row.get("error_stage"))
-
-
-def mark_failed(row: Row, stage: str, exc: BaseException) -> Row:
-    """Record why `stage` failed on this row and free its pixel data."""
-    row["error_stage"] = stage
-    row["error"] = getattr(exc, "reason", None) or type(exc).__name__
-    row["message"] = f"{exc}"[:2000] or traceback.format_exc(limit=2)[-2000:]
-    if "frames" in row:
-        row["frames"] = np.zeros((0, 1, 1, 3), np.uint8)
-    return row
-
-
-def add_timing(row: Row, stage: str, seconds: float) -> None:
-    timings = json.loads(row.get("timings") or "{}")
-    timings[stage] = timings.get(stage, 0.0) + seconds
-    row["timings"] = json.dumps(timings)
-
-
-def update_json_field(row: Row, field: str, values: dict[str, Any]) -> None:
-    """Merge `values` into a JSON-object string field shared by stages (`extra`, `weights`, `gaze_scores`)."""
-    current = json.loads(str(row.get(field) or "{}"))
-    current.update(values)
-    row[field] = json.dumps(current, sort_keys=True)
-
-
-def guarded(stage: str, fn: Callable[[Row], Row]) -> Callable[[Row], Row]:
-    """Wrap a row function so failures become data and time spent is recorded."""
-
-    def run(row: Row) -> Row:
-        if is_failed(row):
-            return row
-        start = time.perf_counter()
-        try:
-            row = fn(row)
-        except Exception as exc:  # noqa: BLE001 - any error on one clip is recorded, not raised
-            log.warning("%s failed on %s: %s", stage, row.get("key"), exc)
-            row = mark_failed(row, stage, exc)
-        add_timing(row, stage, time.perf_counter() - start)
-        return row
-
-    run.__name__ = f"{stage}_step"
-    return run
-
-
-def batch_to_rows(batch: Batch) -> list[Row]:
-    names = list(batch)
-    size = len(batch[names[0]]) if names else 0
-    return [{name: batch[name][i] for name in names} for i in range(size)]
-
-
-def rows_to_batch(rows: list[Row]) -> Batch:
-    """Inverse of batch_to_rows; arrays of differing shapes go into an object array."""
-    batch: Batch = {}
-    for name in rows[0]:
-        values = [row[name] for row in rows]
-        if isinstance(values[0], np.ndarray) and len({v.shape for v in values}) > 1:
-            column = np.empty(len(values), dtype=object)
-            for i, value in enumerate(values):
-                column[i] = value
-            batch[name] = column
-        else:
-            batch[name] = np.asarray(values) if not isinstance(values[0], np.ndarray) else np.stack(values)
-    return batch
+# Stage name -> the module that defines (and registers) it.
+STAGE_MODULES = {
+    "face_mask": "pipeline.stages.face_mask",
+    "foreground": "pipeline.stages.foreground",
+    "gaze": "pipeline.stages.gaze",
+    "swap": "pipeline.stages.face_swap",
+    "stylise": "pipeline.stages.stylise",
+}
 
 
 class Stage:
@@ -148,6 +76,16 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 
 def get_stage(name: str) -> type[Stage]:
+    """The stage class of a config name, importing its module on first use."""
+    if name not in STAGES and name in STAGE_MODULES:
+        importlib.import_module(STAGE_MODULES[name])
     if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; known stages: {sorted(STAGES) or 'none'}")
+        raise KeyError(f"unknown stage {name!r}; known stages: {sorted(set(STAGES) | set(STAGE_MODULES))}")
     return STAGES[name]
+
+
+def load_all_stages() -> dict[str, type[Stage]]:
+    """Import every stage module (which also registers the tiny writers of their weights)."""
+    for name in STAGE_MODULES:
+        get_stage(name)
+    return STAGES

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.stages.base import Row, Stage, register_stage, update_json_field
+from pipeline.rows import Row, update_json_field
+from pipeline.stages.base import Stage, register_stage
 from pipeline.weights import MissingWeights, load_weight_specs, register_tiny_writer
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.stages.base import Row, Stage, register_stage, update_json_field
+from pipeline.rows import Row, update_json_field
+from pipeline.stages.base import Stage, register_stage
 from pipeline.weights import MissingWeights, check_weights, load_weight_specs, register_tiny_writer
 
 log = logging.getLogger(__name__)

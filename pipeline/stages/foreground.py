@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from pipeline.stages.base import Row, Stage, register_stage, update_json_field
+from pipeline.rows import Row, update_json_field
+from pipeline.stages.base import Stage, register_stage
 from pipeline.stages.face_mask import PARSING_MODELS, FaceParser, check_int, file_id, resolve_device
 from pipeline.weights import MissingWeights, load_weight_specs
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from pipeline.gaze_scores import clip_scores
-from pipeline.stages.base import Row, Stage, register_stage, update_json_field
+from pipeline.rows import Row, update_json_field
+from pipeline.stages.base import Stage, register_stage
 from pipeline.stages.l2cs import WEIGHTS_NAME, decode_gaze360, load_l2cs, normalise
 from pipeline.video import crop_and_resize
 from pipeline.weights import load_weight_specs

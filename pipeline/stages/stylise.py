@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.rows import Row, update_json_field
 from pipeline.stages import stylise_tiny
-from pipeline.stages.base import Row, Stage, register_stage, update_json_field
+from pipeline.stages.base import Stage, register_stage
 from pipeline.weights import MissingWeights, load_weight_specs
 
 log = logging.getLogger(__name__)
