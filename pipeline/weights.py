@@ -47,12 +47,17 @@ def load_weight_specs(path: Path | None = None) -> dict[str, WeightFile]:
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_id(path: Path) -> str:
+    """A short sha256 prefix naming the weights file a sample was annotated with."""
+    return sha256_file(path)[:12]
 
 
 def check_weights(weights_dir: Path, names: Iterable[str], verify_hash: bool = True) -> list[str]:
@@ -67,7 +72,7 @@ def check_weights(weights_dir: Path, names: Iterable[str], verify_hash: bool = T
         target = weights_dir / spec.path
         if not target.exists():
             problems.append(f"{name}: missing {target} (get it from {spec.origin})")
-        elif verify_hash and spec.sha256 and target.is_file() and _sha256(target) != spec.sha256:
+        elif verify_hash and spec.sha256 and target.is_file() and sha256_file(target) != spec.sha256:
             problems.append(f"{name}: {target} has the wrong sha256 (expected {spec.sha256})")
     return problems
 

@@ -4,11 +4,10 @@ files, label selection, box mode, and failures becoming failure rows."""
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
-from skimage.data import astronaut
+from parsing_helpers import SIZE, clip, rigged_parsenet_dir
 
 from pipeline.rows import batch_to_rows, rows_to_batch
 from pipeline.stages.face_mask import (
@@ -20,7 +19,6 @@ from pipeline.stages.face_mask import (
 )
 from pipeline.weights import MissingWeights, ensure_tiny_weights, load_weight_specs
 
-SIZE = 64  # frames and parsing input: ParseNet is fully convolutional, and slow on CPU at 512
 OPTIONS = {"input_size": SIZE, "frame_batch": 4, "device": "cpu"}
 
 
@@ -32,23 +30,6 @@ def weights_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stage(weights_dir) -> FaceMaskStage:
     return FaceMaskStage(str(weights_dir), **OPTIONS)
-
-
-def rigged_parsenet_dir(root: Path, label: str) -> Path:
-    """A tiny ParseNet whose last layer predicts `label` at every pixel (same layout, same loader)."""
-    path = root / load_weight_specs()["parsenet"].path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_tiny_parsenet(path, 0)
-    state = torch.load(path, weights_only=True)
-    state["out_mask_conv.conv2d.weight"].zero_()
-    state["out_mask_conv.conv2d.bias"].fill_(-10.0)
-    state["out_mask_conv.conv2d.bias"][label_ids("parsenet", [label])[0]] = 10.0
-    torch.save(state, path)
-    return root
-
-
-def clip(num: int = 3) -> np.ndarray:
-    return np.stack([cv2.resize(astronaut(), (SIZE, SIZE), interpolation=cv2.INTER_AREA)] * num)
 
 
 def make_row(frames: np.ndarray, bucket: str = "real", face_boxes: str = "", key: str = "k0") -> dict:

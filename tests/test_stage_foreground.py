@@ -4,14 +4,12 @@ backend's clear error where detectron2 is not installed (it cannot be installed 
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-import torch
-from skimage.data import astronaut
+from parsing_helpers import SIZE, clip, rigged_parsenet_dir
 
 from pipeline.rows import batch_to_rows, rows_to_batch
-from pipeline.stages.face_mask import FaceParser, label_ids, write_tiny_parsenet
+from pipeline.stages.face_mask import FaceParser
 from pipeline.stages.foreground import (
     DENSEPOSE_WEIGHTS,
     DensePoseUnavailable,
@@ -19,9 +17,8 @@ from pipeline.stages.foreground import (
     densepose_import_error,
     resolve_backend,
 )
-from pipeline.weights import ensure_tiny_weights, load_weight_specs
+from pipeline.weights import ensure_tiny_weights
 
-SIZE = 64
 OPTIONS = {"backend": "parsing", "input_size": SIZE, "frame_batch": 4, "device": "cpu"}
 HAS_DENSEPOSE = densepose_import_error() is None
 
@@ -34,23 +31,6 @@ def weights_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stage(weights_dir) -> ForegroundStage:
     return ForegroundStage(str(weights_dir), **OPTIONS)
-
-
-def rigged_parsenet_dir(root: Path, label: str) -> Path:
-    """A tiny ParseNet that predicts `label` at every pixel."""
-    path = root / load_weight_specs()["parsenet"].path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_tiny_parsenet(path, 0)
-    state = torch.load(path, weights_only=True)
-    state["out_mask_conv.conv2d.weight"].zero_()
-    state["out_mask_conv.conv2d.bias"].fill_(-10.0)
-    state["out_mask_conv.conv2d.bias"][label_ids("parsenet", [label])[0]] = 10.0
-    torch.save(state, path)
-    return root
-
-
-def clip(num: int = 3) -> np.ndarray:
-    return np.stack([cv2.resize(astronaut(), (SIZE, SIZE), interpolation=cv2.INTER_AREA)] * num)
 
 
 def make_row(frames: np.ndarray, bucket: str = "real", key: str = "k0") -> dict:

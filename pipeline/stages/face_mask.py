@@ -7,7 +7,6 @@ parsing backend, so both read weights and run the network the same way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 
 from pipeline.rows import Row, update_json_field
 from pipeline.stages.base import Stage, register_stage
-from pipeline.weights import MissingWeights, load_weight_specs, register_tiny_writer
+from pipeline.stages.device import resolve_device
+from pipeline.weights import MissingWeights, file_id, load_weight_specs, register_tiny_writer
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +49,6 @@ NORMALISATION = {
     "parsenet": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "bisenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-
-
-def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; anything else as torch spells it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def file_id(path: Path) -> str:
-    """A short sha256 prefix naming the weights file a sample was annotated with."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
 
 
 def label_ids(model: str, labels: Iterable[str | int]) -> list[int]:

@@ -15,7 +15,6 @@ classes (SCRFD, ArcFaceONNX, INSwapper) with random weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.rows import Row, update_json_field
 from pipeline.stages.base import Stage, register_stage
-from pipeline.weights import MissingWeights, check_weights, load_weight_specs, register_tiny_writer
+from pipeline.weights import MissingWeights, check_weights, file_id, load_weight_specs, register_tiny_writer
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +243,7 @@ def weights_id(path: Path) -> str:
         if {p.key: p.value for p in model.metadata_props}.get(TINY_MARK) == "tiny":
             _WEIGHT_IDS[key] = "tiny"
         else:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-            _WEIGHT_IDS[key] = digest.hexdigest()[:12]
+            _WEIGHT_IDS[key] = file_id(Path(path))
     return _WEIGHT_IDS[key]
 
 

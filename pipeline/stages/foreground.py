@@ -17,8 +17,9 @@ import torch
 
 from pipeline.rows import Row, update_json_field
 from pipeline.stages.base import Stage, register_stage
-from pipeline.stages.face_mask import PARSING_MODELS, FaceParser, check_int, file_id, resolve_device
-from pipeline.weights import MissingWeights, load_weight_specs
+from pipeline.stages.device import resolve_device
+from pipeline.stages.face_mask import PARSING_MODELS, FaceParser, check_int
+from pipeline.weights import MissingWeights, file_id, load_weight_specs
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ Sampling follows the authors' filter: frames 0, k, 2k, ... (k = `every`, 10), at
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,9 +24,10 @@ import torch
 from pipeline.gaze_scores import clip_scores
 from pipeline.rows import Row, update_json_field
 from pipeline.stages.base import Stage, register_stage
+from pipeline.stages.device import resolve_device
 from pipeline.stages.l2cs import WEIGHTS_NAME, decode_gaze360, load_l2cs, normalise
 from pipeline.video import crop_and_resize
-from pipeline.weights import load_weight_specs
+from pipeline.weights import file_id, load_weight_specs
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +40,6 @@ DEFAULTS: dict[str, Any] = {
     "centre_crop": 0.7,  # side of the centred crop for clips without boxes, as a fraction of the frame
     "box_scale": 1.0,  # square side = box_scale x the longer side of a face box
 }
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available")
-    return device
-
-
-def _file_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
 
 
 def sample_indices(num_frames: int, every: int, max_samples: int) -> np.ndarray:
@@ -106,12 +89,12 @@ class GazeStage(Stage):
         self.every, self.max_samples = opts["every"], opts["max_samples"]
         self.frame_batch, self.input_size = opts["frame_batch"], opts["input_size"]
         self.centre_crop, self.box_scale = float(opts["centre_crop"]), float(opts["box_scale"])
-        self.device = _resolve_device(str(opts["device"]))
+        self.device = resolve_device(str(opts["device"]))
         # Half precision on GPU: ResNet50 inference is well inside fp16's range; softmax runs in fp32.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         path = Path(weights_dir) / load_weight_specs()[WEIGHTS_NAME].path
         self.model = load_l2cs(path, self.device).to(dtype=self.dtype, memory_format=torch.channels_last)
-        self.weights_id = _file_id(path)
+        self.weights_id = file_id(path)
 
     def crop_boxes(self, row: Row, num_frames: int, size: int) -> tuple[list[tuple[int, ...] | None], str]:
         """One square crop box per frame (None: no face in that frame) and where the boxes came from."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pipeline.rows import Row, update_json_field
 from pipeline.stages import stylise_tiny
 from pipeline.stages.base import Stage, register_stage
+from pipeline.stages.device import resolve_device
 from pipeline.weights import MissingWeights, load_weight_specs
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,6 @@ def clip_seed(base_seed: int, clip_id: str) -> int:
 def denoising_steps(steps: int, strength: float) -> int:
     """How many steps diffusers' img2img runs: int(steps * strength) (0 means the image is returned as is)."""
     return min(int(steps * strength), steps)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_sdxl_img2img(folder: Path, dtype: torch.dtype, variant: str | None = None):
