@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class AnimateOptions:
     resolution: int = 512  # must be a multiple of 8; the tiny profile runs at 64
     max_frames: int = 0  # 0 = every frame of the driving video
     face_mask: str = "none"  # "none" | "facexlib" (see model.preprocess.mask_faces)
+    face_weights: str = ""  # facexlib weights folder for face_mask=facexlib; "" = $WEIGHTS_DIR
+    face_model: str = "parsenet"  # "parsenet" | "bisenet"
     device: str = "auto"  # "auto" = cuda when available
     fps: float = 0.0  # 0 = the driving video's frame rate
 
@@ -73,7 +76,10 @@ def main(argv: list[str] | None = None) -> Path:
     reference = prepare_reference(read_image(args.ref), options.resolution)
     mask = prepare_background_mask(read_image(args.ref_mask), options.resolution) if args.ref_mask else None
     frames = read_video_frames(args.driving, 0, options.max_frames or None)
-    driving = prepare_driving(frames, options.resolution, options.face_mask)
+    face_weights = options.face_weights or os.environ.get("WEIGHTS_DIR")
+    driving = prepare_driving(
+        frames, options.resolution, options.face_mask, face_weights, options.face_model, device
+    )
     log.info("animating %d driving frames at %d px", len(driving), options.resolution)
 
     video = MegActorPipeline(model)(reference, driving, mask, sampling)  # (F, 3, R, R) in [-1, 1]

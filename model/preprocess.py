@@ -30,25 +30,43 @@ def grayscale3(frames: np.ndarray) -> np.ndarray:
     return np.repeat(luma[..., None], 3, axis=-1)
 
 
-def mask_faces(frames: np.ndarray, method: str) -> np.ndarray:
+def mask_faces(
+    frames: np.ndarray,
+    method: str,
+    weights_dir: str | Path | None = None,
+    model: str = "parsenet",
+    device: str = "cpu",
+) -> np.ndarray:
     """Black out every non-face pixel of the driving frames (training sees face-masked driving video).
 
     "none" leaves the frames as they are (for driving videos that are already face crops on black).
-    "facexlib" is the face-parsing mask of the shard builder's face-mask stage, not yet in pipeline/.
+    "facexlib" runs the shard builder's own face-mask stage (facexlib parsing, the same labels), with
+    its weights read from `weights_dir` laid out as configs/weights.yaml says.
     """
     if method == "none":
         return frames
-    if method == "facexlib":
-        raise NotImplementedError(
-            "face_mask=facexlib needs the shard builder's face-mask stage (pipeline/stages/), which is not "
-            "available yet; use face_mask=none with a driving video that is already face-masked"
-        )
-    raise ValueError(f"face_mask: expected one of {FACE_MASK_METHODS}, got {method!r}")
+    if method != "facexlib":
+        raise ValueError(f"face_mask: expected one of {FACE_MASK_METHODS}, got {method!r}")
+    if weights_dir is None:
+        raise ValueError("face_mask=facexlib needs the face-parsing weights folder (face_weights=DIR)")
+    from pipeline.stages.face_mask import FaceMaskStage  # torch-heavy; only when asked for
+
+    stage = FaceMaskStage(str(weights_dir), model=model, device=device)
+    mask = stage.process({"frames": frames, "face_boxes": ""})["face_mask"]  # (T, R, R) bool
+    return np.where(mask[..., None], frames, 0).astype(np.uint8)
 
 
-def prepare_driving(frames: np.ndarray, resolution: int, face_mask: str = "none") -> torch.Tensor:
+def prepare_driving(
+    frames: np.ndarray,
+    resolution: int,
+    face_mask: str = "none",
+    face_weights: str | Path | None = None,
+    face_model: str = "parsenet",
+    device: str = "cpu",
+) -> torch.Tensor:
     """Driving video uint8 (T, H, W, 3) -> (T, 3, R, R) in [-1, 1]: square, face-masked, grayscale."""
-    return to_model_pixels(grayscale3(mask_faces(square_resize(frames, resolution), face_mask)))
+    square = square_resize(frames, resolution)
+    return to_model_pixels(grayscale3(mask_faces(square, face_mask, face_weights, face_model, device)))
 
 
 def read_image(path: str | Path) -> np.ndarray:
