@@ -178,7 +178,7 @@ def _write_subset(out: Path, tmp: Path, index: pd.DataFrame, keys: list[str], se
     shards_dir.mkdir(parents=True)
     per_shard = _samples_per_shard(out)
     batch: list[dict[str, Any]] = []
-    for row in _copied_rows(out, index, set(keys)):
+    for row in _copied_rows(out, index, set(keys)) if keys else ():
         batch.append(row)
         if len(batch) == per_shard:
             write_shard(batch, shards_dir)

@@ -124,6 +124,14 @@ def test_select_refuses_a_missing_build_and_conflicting_rules(tmp_path: Path) ->
         run_select(tmp_path, top=0.1, threshold=1.0)
 
 
+def test_a_build_without_samples_gives_an_empty_subset(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    merge_index(tmp_path, tmp_path / "shards")
+    selection, written = run_select(tmp_path)
+    assert written and selection.selected == 0
+    assert len(pd.read_parquet(tmp_path / "gaze" / "index.parquet")) == 0
+
+
 @pytest.mark.slow
 def test_select_cli_on_a_real_build(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     out = small_gaze_build(tmp_path_factory, tmp_path / "out")
