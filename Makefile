@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt -e '.[cpu,dev]'
 	touch $(STAMP)
 
-shards: setup ## build shards: DATASET=demo|vfhq|celebvhq ROOT=<dataset folder> OUT=<output folder>
+shards: setup ## build shards and their gaze subset: DATASET=demo|vfhq|celebvhq ROOT=<dataset folder> OUT=<output folder>
 	$(BIN)/python -m pipeline build --dataset $(DATASET) --root $(ROOT) --out $(OUT) $(ARGS)
+	$(BIN)/python -m pipeline select --out $(OUT)
 
 shards-job: setup ## the same build as a Ray Job: ray job submit to RAY_JOB_ADDRESS (default: make ray-up's head)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) --working-dir . -- \

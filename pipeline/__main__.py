@@ -3,6 +3,8 @@
 python -m pipeline build --dataset demo --root DIR --out DIR [key=value ...]
 python -m pipeline weights check [--weights-dir DIR]     # what is missing or wrong under WEIGHTS_DIR
 python -m pipeline weights tiny DIR                      # write every model with random weights
+python -m pipeline select --out DIR [--top 0.05 | --threshold 200 --score authors]   # the gaze subset
+python -m pipeline stats DIR                             # the shard set's statistics as text
 """
 
 from __future__ import annotations
@@ -44,7 +46,37 @@ def _parser() -> argparse.ArgumentParser:
         "tiny", help="write every model with random weights in its real format"
     )
     tiny.add_argument("dir")
+    select = commands.add_parser("select", help="write the gaze subset (DIR/gaze/) of a built shard set")
+    select.add_argument("--out", required=True, help="the build's output folder")
+    rule = select.add_mutually_exclusive_group()
+    rule.add_argument("--top", type=float, help="keep this fraction of the scored samples (default 0.05)")
+    rule.add_argument("--threshold", type=float, help="keep samples whose score is above this value")
+    select.add_argument(
+        "--score", choices=("robust", "authors"), default="robust",
+        help="robust: gaze_robust_spread_deg (degrees); authors: gaze_authors (MegActor's variance, keep > 200)",
+    )  # fmt: skip
+    stats = commands.add_parser("stats", help="print a shard set's statistics")
+    stats.add_argument("dir", help="the build's output folder")
     return parser
+
+
+def _select(args: argparse.Namespace) -> int:
+    from pipeline.select import run_select
+
+    selection, written = run_select(Path(args.out), top=args.top, threshold=args.threshold, score=args.score)
+    state = "written" if written else "unchanged"
+    log.info(
+        "gaze subset %s: %d of %d samples, %s threshold %.4g",
+        state, selection.selected, selection.samples_total, selection.column, selection.threshold,
+    )  # fmt: skip
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from pipeline.stats import load, report
+
+    print(report(load(args.dir)))
+    return 0
 
 
 def _weights(args: argparse.Namespace) -> int:
@@ -78,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "weights":
         try:
             return _weights(args)
+        except (ValueError, FileNotFoundError) as exc:
+            log.error("%s", exc)
+            return 2
+    if args.command in ("select", "stats"):
+        try:
+            return _select(args) if args.command == "select" else _stats(args)
         except (ValueError, FileNotFoundError) as exc:
             log.error("%s", exc)
             return 2

@@ -1,4 +1,5 @@
-"""The manifest: one row per clip segment, with its bucket, built from a source scan."""
+"""The manifest: one row per clip segment, with its bucket (decided over the whole manifest by
+pipeline/mix.py), built from a source scan."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pandas as pd
 
 from pipeline.config import BuildConfig
 from pipeline.contract import sample_key
-from pipeline.mix import bucket_for
+from pipeline.mix import assign_buckets
 from pipeline.sources.base import ClipFailure, ScanResult
 
 MANIFEST_COLUMNS = [
@@ -48,12 +49,14 @@ def split_segments(num_frames: int, max_frames: int) -> list[tuple[int, int]]:
 def build_manifest(scan: ScanResult, config: BuildConfig) -> tuple[pd.DataFrame, list[ClipFailure]]:
     """Segments of every usable clip; clips shorter than min_frames become failures."""
     rows, failures = [], []
+    usable = [r for r in scan.records if r.num_frames >= config.min_frames]
+    buckets = assign_buckets([(r.dataset, r.clip_id, r.num_frames) for r in usable], config.seed, config.mix)
     for record in scan.records:
         if record.num_frames < config.min_frames:
             msg = f"{record.num_frames} frames < min_frames {config.min_frames}"
             failures.append(ClipFailure(record.clip_id, record.dataset, "manifest", "too_short", msg))
             continue
-        bucket = bucket_for(record.dataset, record.clip_id, config.seed, config.mix)
+        bucket = buckets[(record.dataset, record.clip_id)]
         for segment, (start, stop) in enumerate(split_segments(record.num_frames, config.max_frames)):
             boxes = record.face_boxes[start:stop] if record.face_boxes is not None else None
             rows.append(

@@ -1,0 +1,205 @@
+"""The gaze subset (stage-2 data): the samples with the most gaze movement, as their own shard set.
+
+    OUT/gaze/shards/   shard-<hash>.tar, .index.parquet, .stats.json (pipeline/writer.py's layout)
+    OUT/gaze/index.parquet
+    OUT/gaze/select.json   score, rule, threshold, counts, selected keys (written last)
+
+Members are copied byte for byte from the main shards (no video is decoded). The subset is built in
+a temp folder beside OUT/gaze and renamed into place, so a reader sees the old subset or the new one,
+never half of one. A rerun that would select the same samples from the same shards writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tarfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import contract
+from pipeline.writer import atomic_write_bytes, merge_index, read_stats, write_shard
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS = {"robust": "gaze_robust_spread_deg", "authors": "gaze_authors"}
+DEFAULT_TOP = 0.05  # the paper's stage 2: the top 5 % of clips by gaze movement
+SUBSET_DIR = "gaze"
+
+
+@dataclass
+class Selection:
+    score: str  # robust | authors
+    column: str
+    rule: str  # "top" (a fraction of the scored samples) or "threshold" (score > value)
+    value: float
+    threshold: float  # the score a sample needs (top: the lowest selected score)
+    samples_scored: int
+    samples_total: int
+    selected: int
+    frames_selected: int
+    source_fingerprint: str  # the main shards the subset was copied from
+    keys: list[str]
+
+
+def select_keys(
+    index: pd.DataFrame, column: str, top: float | None = None, threshold: float | None = None
+) -> tuple[list[str], float]:
+    """Keys to keep and the threshold used. `top`: the highest-scoring fraction of the scored samples
+    (at least one; ties at the cut are all kept); `threshold`: score > threshold. NaN never selected."""
+    if column not in index.columns:
+        return [], float("nan")
+    scores = pd.to_numeric(index[column], errors="coerce")
+    scored = scores.notna()
+    if not scored.any():
+        return [], float("nan")
+    if threshold is None:
+        fraction = DEFAULT_TOP if top is None else top
+        count = max(1, math.ceil(fraction * int(scored.sum())))
+        cut = float(np.sort(scores[scored].to_numpy())[::-1][count - 1])
+        keep = scored & (scores >= cut)
+    else:
+        cut = float(threshold)
+        keep = scored & (scores > cut)
+    return sorted(index.loc[keep, "key"].astype(str)), cut
+
+
+def _fingerprint(shards_dir: Path) -> str:
+    names = sorted(s["shard"] for s in read_stats(shards_dir))
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _samples_per_shard(out: Path) -> int:
+    build_json = out / "build.json"
+    if build_json.is_file():
+        return int(json.loads(build_json.read_text()).get("config", {}).get("samples_per_shard", 4))
+    return 4
+
+
+def _copied_rows(out: Path, index: pd.DataFrame, keys: set[str]):
+    """Writer rows of the selected samples, read shard by shard from the main tars."""
+    for shard, rows in index[index["key"].isin(keys)].groupby("shard", sort=True):
+        wanted = {str(k): row for k, row in zip(rows["key"], rows.to_dict("records"), strict=True)}
+        members: dict[str, dict[str, bytes]] = {k: {} for k in wanted}
+        with tarfile.open(out / "shards" / f"{shard}.tar") as tar:
+            for info in tar:
+                key, _, member = info.name.partition(".")
+                if key in members and info.isfile():
+                    members[key][member] = tar.extractfile(info).read()
+        for key in sorted(wanted):
+            row = wanted[key]
+            out_row = {
+                "key": key,
+                "clip_id": str(row["clip_id"]),
+                "dataset": str(row["dataset"]),
+                "bucket": str(row["bucket"]),
+                "num_frames": int(row["num_frames"]),
+                "timings": "{}",
+                "error_stage": "",
+                "error": "",
+                "message": "",
+            }
+            out_row.update({m: members[key].get(m, b"") for m in contract.ALL_MEMBERS})
+            yield out_row
+
+
+def run_select(
+    out: Path, top: float | None = None, threshold: float | None = None, score: str = "robust"
+) -> tuple[Selection, bool]:
+    """Write OUT/gaze for the given rule; returns the selection and whether anything was written."""
+    if top is not None and threshold is not None:
+        raise ValueError("give --top or --threshold, not both")
+    if score not in SCORE_COLUMNS:
+        raise ValueError(f"score must be one of {sorted(SCORE_COLUMNS)}, got {score!r}")
+    if top is not None and not 0 < top <= 1:
+        raise ValueError(f"--top is a fraction in (0, 1], got {top}")
+    index_path = out / "index.parquet"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"no {index_path}: build the shards first")
+    index = pd.read_parquet(index_path)
+    column = SCORE_COLUMNS[score]
+    keys, cut = select_keys(index, column, top, threshold)
+    scored = int(pd.to_numeric(index[column], errors="coerce").notna().sum()) if column in index else 0
+    selection = Selection(
+        score=score,
+        column=column,
+        rule="threshold" if threshold is not None else "top",
+        value=float(threshold if threshold is not None else (DEFAULT_TOP if top is None else top)),
+        threshold=cut,
+        samples_scored=scored,
+        samples_total=len(index),
+        selected=len(keys),
+        frames_selected=int(index.loc[index["key"].isin(keys), "num_frames"].sum()) if keys else 0,
+        source_fingerprint=_fingerprint(out / "shards"),
+        keys=keys,
+    )
+    final = out / SUBSET_DIR
+    previous = final / "select.json"
+    if previous.is_file() and _same(json.loads(previous.read_text()), asdict(selection)):
+        log.info("gaze subset in %s is up to date (%d samples): nothing to write", final, len(keys))
+        return selection, False
+    if scored and not keys:
+        log.warning("no sample scores above %s on %s", cut, column)
+    elif not scored:
+        log.warning("no sample has a %s score: the gaze subset is empty", column)
+    tmp = out / f".{SUBSET_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_subset(out, tmp, index, keys, selection)
+        _swap_in(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "gaze subset: %d of %d samples (%s %s, threshold %.4g)",
+        len(keys),
+        len(index),
+        column,
+        selection.rule,
+        cut,
+    )
+    return selection, True
+
+
+def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    fields = ("column", "rule", "value", "keys", "source_fingerprint")
+    return all(old.get(f) == new.get(f) for f in fields)
+
+
+def _write_subset(out: Path, tmp: Path, index: pd.DataFrame, keys: list[str], selection: Selection) -> None:
+    shards_dir = tmp / "shards"
+    shards_dir.mkdir(parents=True)
+    per_shard = _samples_per_shard(out)
+    batch: list[dict[str, Any]] = []
+    for row in _copied_rows(out, index, set(keys)) if keys else ():
+        batch.append(row)
+        if len(batch) == per_shard:
+            write_shard(batch, shards_dir)
+            batch = []
+    if batch:
+        write_shard(batch, shards_dir)
+    merge_index(tmp, shards_dir)
+    data = asdict(selection)
+    data["shards"] = len(read_stats(shards_dir))
+    atomic_write_bytes(tmp / "select.json", json.dumps(data, indent=1).encode())
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the finished subset over the old one (the old one is moved aside first, then deleted)."""
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_selection(out: Path) -> dict[str, Any] | None:
+    path = out / SUBSET_DIR / "select.json"
+    return json.loads(path.read_text()) if path.is_file() else None
