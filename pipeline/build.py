@@ -103,6 +103,7 @@ def _check_recipe(out: Path, config: BuildConfig) -> None:
 
 def _clear_outputs(out: Path) -> None:
     shutil.rmtree(out / "shards", ignore_errors=True)
+    shutil.rmtree(out / "gaze", ignore_errors=True)  # a subset of the old shards: stale once they go
     for name in ("index.parquet", "failures.parquet", "manifest.parquet", "identities.parquet", "build.json"):
         (out / name).unlink(missing_ok=True)
 

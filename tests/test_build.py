@@ -24,3 +24,14 @@ def test_full_profile_refuses_to_start_and_names_every_missing_file(tmp_path: Pa
     for name in needed:
         assert str(tmp_path / "weights" / specs[name].path) in str(info.value)
     assert not (tmp_path / "out" / "manifest.parquet").exists()  # refused before any work
+
+
+def test_overwrite_clears_every_output_of_the_old_recipe(tmp_path: Path) -> None:
+    from pipeline.build import _clear_outputs
+
+    for name in ("shards/shard-x.tar", "gaze/shards/shard-y.tar", "gaze/index.parquet", "index.parquet",
+                 "failures.parquet", "manifest.parquet", "identities.parquet", "build.json"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"old")
+    _clear_outputs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
