@@ -31,3 +31,23 @@ def rigged_parsenet_dir(root: Path, label: str) -> Path:
 def clip(num: int = 3) -> np.ndarray:
     """`num` copies of the astronaut portrait at SIZE x SIZE."""
     return np.stack([cv2.resize(astronaut(), (SIZE, SIZE), interpolation=cv2.INTER_AREA)] * num)
+
+
+def make_row(frames: np.ndarray, bucket: str = "real", face_boxes: str = "", key: str = "k0") -> dict:
+    """A decoded DAG row as the stages receive it."""
+    return {
+        "key": key,
+        "clip_id": key,
+        "dataset": "demo",
+        "identity": "id0",
+        "bucket": bucket,
+        "frames": frames,
+        "face_boxes": face_boxes,
+        "extra": "",
+        "weights": "",
+        "error_stage": "",
+        "error": "",
+        "message": "",
+        "timings": "{}",
+        "annotations": "[]",
+    }

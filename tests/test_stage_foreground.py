@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from parsing_helpers import SIZE, clip, rigged_parsenet_dir
+from parsing_helpers import SIZE, clip, make_row, rigged_parsenet_dir
 
 from pipeline.rows import batch_to_rows, rows_to_batch
 from pipeline.stages.face_mask import FaceParser
@@ -31,25 +31,6 @@ def weights_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stage(weights_dir) -> ForegroundStage:
     return ForegroundStage(str(weights_dir), **OPTIONS)
-
-
-def make_row(frames: np.ndarray, bucket: str = "real", key: str = "k0") -> dict:
-    return {
-        "key": key,
-        "clip_id": key,
-        "dataset": "demo",
-        "identity": "id0",
-        "bucket": bucket,
-        "frames": frames,
-        "face_boxes": "",
-        "extra": "",
-        "weights": "",
-        "error_stage": "",
-        "error": "",
-        "message": "",
-        "timings": "{}",
-        "annotations": "[]",
-    }
 
 
 def test_auto_backend_follows_what_imports():
