@@ -175,8 +175,11 @@ def build_identity_bank(
         weights_dir, ["detection", "recognition"], onnx_providers(device), det_size, det_thresh
     )
     rows = []
+    by_identity = manifest.sort_values("key").groupby(
+        "identity", sort=False
+    )  # one pass, not one per identity
     for identity, dataset in todo.itertuples(index=False):
-        segments = manifest[manifest["identity"] == identity].sort_values("key").head(max_clips_per_identity)
+        segments = by_identity.get_group(identity).head(max_clips_per_identity)
         entry = _embed_identity(
             segments, app, resolution, crop_scale, frames_per_identity, window_frames, min_iou
         )

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import contract
-from pipeline.writer import atomic_write_bytes, merge_index, read_stats, write_shard
+from pipeline.writer import atomic_write_bytes, merge_index, read_stats, write_shard, writer_row
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +95,7 @@ def _copied_rows(out: Path, index: pd.DataFrame, keys: set[str]):
                 if key in members and info.isfile():
                     members[key][member] = tar.extractfile(info).read()
         for key in sorted(wanted):
-            row = wanted[key]
-            out_row = {
-                "key": key,
-                "clip_id": str(row["clip_id"]),
-                "dataset": str(row["dataset"]),
-                "bucket": str(row["bucket"]),
-                "num_frames": int(row["num_frames"]),
-                "timings": "{}",
-                "error_stage": "",
-                "error": "",
-                "message": "",
-            }
-            out_row.update({m: members[key].get(m, b"") for m in contract.ALL_MEMBERS})
-            yield out_row
+            yield writer_row(wanted[key], members[key], int(wanted[key]["num_frames"]))
 
 
 def run_select(

@@ -98,15 +98,15 @@ def encode_members(row: Row, resolution: int, video: EncodeSettings) -> Row:
     if gaze is not None and len(gaze):
         members[contract.GAZE] = contract.encode_gaze(np.asarray(gaze, np.float32))
     members[contract.META] = sample_meta(row, resolution).to_json_bytes()
-    return _writer_row(row, members, int(row["num_frames"]))
+    return writer_row(row, members, int(row["num_frames"]))
 
 
 def as_writer_row(row: Row) -> Row:
     """Encoded rows pass; a failed row keeps its identifiers and error, and no pixels."""
-    return _writer_row(row, {}, 0) if is_failed(row) else row
+    return writer_row(row, {}, 0) if is_failed(row) else row
 
 
-def _writer_row(row: Row, members: dict[str, bytes], num_frames: int) -> Row:
+def writer_row(row: Row, members: dict[str, bytes], num_frames: int) -> Row:
     """The columns the shard writer reads: identifiers, errors, timings and one bytes column per member."""
     out = {
         name: row.get(name, "") for name in ("key", "clip_id", "dataset", "bucket", "timings", *ERROR_FIELDS)
