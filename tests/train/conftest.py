@@ -1,0 +1,29 @@
+"""Shared trainer fixtures: the default demo shards (and their gaze subset), built once per session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make shards` for the demo dataset: OUT/shards (the mix) and OUT/gaze/shards (the gaze subset)."""
+    base = tmp_path_factory.mktemp("demo")
+    out = base / "out"
+    commands = [
+        ["build", "--no-progress", "--dataset", "demo", "--root", str(base / "data"), "--out", str(out)],
+        ["select", "--out", str(out)],
+    ]
+    for args in commands:
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert list((out / "gaze" / "shards").glob("*.tar")), "the demo gaze subset is empty"
+    return out
