@@ -13,7 +13,11 @@ folders. Loading reads tensors and JSON only: nothing is unpickled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,13 +40,19 @@ def build_megactor(weights_dir: str | Path, config: MegActorConfig | None = None
     return MegActor(config or MegActorConfig(), load_components(weights_dir))
 
 
-def save_checkpoint(model: MegActor, out_dir: str | Path) -> Path:
-    """Write config.json and model.safetensors (trained modules only) into out_dir."""
+def save_checkpoint(
+    model: MegActor, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write config.json and model.safetensors (trained modules only) into out_dir.
+
+    state: the model's state dict when it was gathered elsewhere (e.g. from FSDP shards); default
+    model.state_dict().
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {
         name: tensor.detach().contiguous().cpu()
-        for name, tensor in model.state_dict().items()
+        for name, tensor in (model.state_dict() if state is None else state).items()
         if name.startswith(SAVED_MODULES)
     }
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "megactor"})
@@ -85,6 +95,25 @@ def load_megactor(
     else:
         log.warning("no MegActor checkpoint in %s: using the untrained assembly", checkpoint)
     return model
+
+
+def ensure_tiny_weights(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny weights folder at out_dir, written once: concurrent callers (Ray workers) race safely,
+    because each writes a private folder and the first rename wins."""
+    out = Path(out_dir)
+    if (out / CHECKPOINT_DIR / CONFIG_FILE).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_tiny_weights(tmp, seed)
+        with contextlib.suppress(OSError):  # another process got there first: use its folder
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / CHECKPOINT_DIR / CONFIG_FILE).is_file():
+        raise RuntimeError(f"{out}: expected a tiny weights folder after writing it")
+    return out
 
 
 def write_tiny_weights(out_dir: str | Path, seed: int = 0, config: MegActorConfig | None = None) -> Path:

@@ -112,7 +112,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return _from_dict(hint, value, where)
+        return from_dict(hint, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], where)
@@ -133,7 +133,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -143,11 +143,11 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "mix":
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -168,7 +168,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return result
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
@@ -187,15 +187,15 @@ def load_build_config(
     data: dict[str, Any] = {}
     for path in (CONFIG_DIR / "defaults.yaml", CONFIG_DIR / f"{dataset}.yaml"):
         if path.exists():
-            data = _deep_merge(data, _read_yaml(path))
+            data = deep_merge(data, read_yaml(path))
     if config_path:
         if not Path(config_path).exists():
             raise FileNotFoundError(f"config file {config_path} does not exist")
-        data = _deep_merge(data, _read_yaml(Path(config_path)))
-    data = _deep_merge(data, {"dataset": dataset})
-    data = _deep_merge(data, {k: v for k, v in fields.items() if v is not None})
-    data = _deep_merge(data, parse_overrides(overrides or []))
-    config = _from_dict(BuildConfig, data)
+        data = deep_merge(data, read_yaml(Path(config_path)))
+    data = deep_merge(data, {"dataset": dataset})
+    data = deep_merge(data, {k: v for k, v in fields.items() if v is not None})
+    data = deep_merge(data, parse_overrides(overrides or []))
+    config = from_dict(BuildConfig, data)
     config.validate()
     return config
 

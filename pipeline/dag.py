@@ -26,15 +26,21 @@ from pipeline.writer import as_writer_row, encode_members, write_shard_batch
 log = logging.getLogger(__name__)
 
 
-def init_ray(num_cpus: int | None) -> None:
-    """Join RAY_ADDRESS's cluster (or the job's), else start a private local Ray on loopback."""
+def init_ray(num_cpus: int | None, log_to_driver: bool = False) -> None:
+    """Join RAY_ADDRESS's cluster (or the job's), else start a private local Ray on loopback.
+
+    log_to_driver: show the workers' output here (the trainer's rank-0 log and progress bar).
+    """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
         ray.init(
-            num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=log_to_driver,
         )
 
 

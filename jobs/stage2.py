@@ -1,0 +1,19 @@
+"""Ray Job entry point for MegActor stage 2.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/stage2.py \
+        [--config configs/train/tiny.yaml] [key=value ...]
+
+Also runs directly (`python jobs/stage2.py ...`): then Ray joins $RAY_ADDRESS or starts on loopback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the job's working dir holds `train`
+
+from train.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("stage2", sys.argv[1:]))

@@ -1,0 +1,123 @@
+"""Training configuration: configs/train/<stage>.yaml -> typed dataclasses, key=value overrides on top.
+
+Layers, later wins: configs/train/<stage>.yaml <- each --config overlay (e.g. tiny.yaml) <- key=value
+overrides (dotted for sections: `data.batch_size=2 optim.lr=2e-5 model.config.gradient_checkpointing=true`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.config import MegActorConfig
+from pipeline.config import deep_merge, from_dict, parse_overrides, read_yaml
+from train.data import DataConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
+STAGES = ("stage1", "stage2")
+STRATEGIES = ("ddp", "fsdp")
+PRECISIONS = ("bf16", "no")
+
+
+@dataclass
+class ModelSection:
+    """Where the model comes from."""
+
+    profile: str = "full"  # full: real weights from weights_dir / $WEIGHTS_DIR; tiny: random tiny weights
+    weights_dir: str | None = None
+    # Stage 2 starts from stage 1: a run name under storage_path (its latest checkpoint), a Ray Train
+    # checkpoint folder, or a MegActor checkpoint folder (config.json + model.safetensors). None: start
+    # from the pretrained components (stage 1).
+    init_from: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # MegActorConfig fields (model/config.py)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the authors' values by default (REFERENCE.md §2)."""
+
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0  # linear warm-up, then constant (the authors use a constant rate)
+    # Min-SNR loss weighting (Hang et al. 2023) with this gamma, e.g. 5.0; None = plain MSE (authors).
+    snr_gamma: float | None = None
+
+
+@dataclass
+class ValidationConfig:
+    """The short video rank 0 renders every `every` steps with the sampling pipeline."""
+
+    every: int = 2000  # 0 = never
+    num_inference_steps: int = 25
+    guidance_scale: float = 4.5
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "stage1"
+    name: str = "stage1"  # the Ray Train run: relaunching with the same storage_path + name resumes
+    storage_path: str = "out/train"  # local folder, NFS path or s3:// shared by every node
+    seed: int = 0
+    max_steps: int = 100_000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    mixed_precision: str = "bf16"  # autocast dtype of the UNets; weights and optimiser stay fp32
+    strategy: str = "ddp"  # ddp, or fsdp to shard parameters, gradients and optimiser states
+    num_workers: int = 1  # Ray Train workers: one per GPU
+    use_gpu: bool = True
+    cpus_per_worker: float = 4.0  # the DataLoader processes of a worker run on these
+    max_failures: int = 3  # restarts of the worker group from the latest checkpoint
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def validate(self) -> None:
+        choices = {"stage": STAGES, "strategy": STRATEGIES, "mixed_precision": PRECISIONS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+        for key in ("max_steps", "checkpoint_every", "num_workers", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)}")
+        if self.data.steps_per_epoch < 1 or self.data.batch_size < 1:
+            raise ValueError("data.steps_per_epoch and data.batch_size: expected >= 1")
+        if self.model.profile not in ("tiny", "full"):
+            raise ValueError(f"model.profile: expected 'tiny' or 'full', got {self.model.profile!r}")
+        self.megactor_config()  # unknown or invalid model fields fail here, before any worker starts
+
+    def megactor_config(self) -> MegActorConfig:
+        return MegActorConfig.from_dict(self.model.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        config = from_dict(cls, data)
+        config.validate()
+        return config
+
+
+def load_train_config(
+    stage: str, overlays: list[str | Path] | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """configs/train/<stage>.yaml, then each overlay file, then key=value overrides."""
+    if stage not in STAGES:
+        raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
+    data = read_yaml(CONFIG_DIR / f"{stage}.yaml")
+    for overlay in overlays or []:
+        if not Path(overlay).is_file():
+            raise FileNotFoundError(f"config overlay {overlay} does not exist")
+        data = deep_merge(data, read_yaml(Path(overlay)))
+    data = deep_merge(data, parse_overrides(overrides or []))
+    data["stage"] = stage
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,283 @@
+"""Ray Train: one training process per GPU (or CPU), each streaming its own shards into MegActor.
+
+launch(config) runs on the driver (a Ray Job or a plain `python jobs/stageN.py`); train_worker(config)
+runs in every worker. Checkpoints go through ray.train.report into RunConfig(storage_path, name):
+relaunching with the same name resumes from the latest one, and FailureConfig restarts a failed worker
+group from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from tqdm.auto import tqdm
+
+from model.components import check_weights_dir
+from model.loading import build_megactor, ensure_tiny_weights, load_megactor
+from model.megactor import MegActor
+from pipeline.dag import init_ray
+from pipeline.weights import DEFAULT_TINY_DIR
+from train.config import ModelSection, TrainConfig
+from train.data import fixed_batch, make_loader
+from train.loop import (
+    TrainState,
+    batches_after,
+    data_position,
+    load_model_weights,
+    load_optimizer_state,
+    make_lr_scheduler,
+    make_optimizer,
+    mean_across_ranks,
+    resolve_init_checkpoint,
+    save_training_checkpoint,
+    step_generator,
+    to_model_batch,
+    train_step,
+    unwrap,
+    wrap_model,
+)
+from train.validation import write_validation_video
+
+log = logging.getLogger("train")
+
+TINY_MODEL_DIR = DEFAULT_TINY_DIR.parent / "tiny_model"
+STEP_LOG = "steps.jsonl"  # rank 0: one line per step (step, data epoch / offset, sample keys, loss)
+
+
+def model_weights_dir(section: ModelSection) -> Path:
+    """tiny: the random tiny folder (written once, shared by the workers); full: checked real weights."""
+    if section.profile == "tiny":
+        return ensure_tiny_weights(section.weights_dir or TINY_MODEL_DIR)
+    chosen = section.weights_dir or os.environ.get("WEIGHTS_DIR")
+    if not chosen:
+        raise FileNotFoundError("model.profile=full needs model.weights_dir=... or $WEIGHTS_DIR")
+    check_weights_dir(chosen)  # one error naming every missing file
+    return Path(chosen)
+
+
+def build_model(config: TrainConfig, from_init: bool) -> MegActor:
+    """Stage 1: the pretrained components; stage 2 (init_from): a stage-1 checkpoint, config overrides on top."""
+    weights_dir = model_weights_dir(config.model)
+    if from_init and config.model.init_from:
+        return load_megactor(weights_dir, config.model.init_from, overrides=config.model.config)
+    return build_megactor(weights_dir, config.megactor_config())
+
+
+class Window:
+    """Timings and losses between two log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.wait = 0.0
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.samples = 0
+
+    def scalars(self, device: torch.device) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {
+            "loss": mean_across_ranks(sum(self.losses) / len(self.losses), device),
+            "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
+            "samples_per_s": mean_across_ranks(self.samples / elapsed, device) * _world_size(),
+            "data_wait_fraction": mean_across_ranks(self.wait / elapsed, device),
+        }
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _run_dir(config: TrainConfig) -> Path:
+    """Where rank 0 writes TensorBoard events, validation videos and the step log."""
+    if "://" in config.storage_path:  # remote storage: keep these on the rank-0 node
+        return Path(tempfile.gettempdir()) / "megactor-train" / config.name
+    return Path(config.storage_path) / config.name
+
+
+def _report(metrics: dict[str, Any], save: Any, step: int, rank: int) -> None:
+    """Every rank calls ray.train.report the same number of times; rank 0 attaches the checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+
+
+def train_worker(config_dict: dict[str, Any]) -> None:
+    """The per-worker training loop (Ray Train's train_loop_per_worker)."""
+    config = TrainConfig.from_dict(config_dict)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)
+    resume = ray.train.get_checkpoint()
+    with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
+        model = build_model(config, from_init=resume is None)
+        if resume_dir:
+            load_model_weights(model, Path(resume_dir))
+        params = list(model.trainable_parameters(config.stage).values())
+        model.train()
+        wrapped = wrap_model(model, config.strategy, device)
+        optimizer = make_optimizer(params, config.optim)
+        lr_scheduler = make_lr_scheduler(optimizer, config.optim.warmup_steps)
+        state = TrainState(seed=config.seed)
+        if resume_dir:
+            state = load_optimizer_state(wrapped, optimizer, lr_scheduler, Path(resume_dir))
+            log.info(
+                "resumed at step %d (data epoch %d, batch %d)", state.step, state.epoch, state.epoch_offset
+            )
+    run_loop(config, wrapped, params, optimizer, lr_scheduler, state, rank, world_size, device)
+
+
+def run_loop(
+    config: TrainConfig,
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> None:
+    run_dir = _run_dir(config)
+    writer = step_log = validation_batch = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        step_log = (run_dir / STEP_LOG).open("a")
+        validate = config.validation.every > 0 and config.strategy != "fsdp"
+        if config.validation.every > 0 and not validate:
+            log.warning("validation videos need the whole model on rank 0: skipped under FSDP")
+        validation_batch = fixed_batch(config.data, 1, seed=config.validation.seed) if validate else None
+    progress = tqdm(total=config.max_steps, initial=state.step, desc=config.name,
+                    disable=rank != 0 or not config.progress)  # fmt: skip
+    data_counts: Counter[str] = Counter()
+    window = Window()
+
+    def save(out: Path) -> None:
+        state.epoch, state.epoch_offset = data_position(state.step, config.data.steps_per_epoch)
+        save_training_checkpoint(out, model, optimizer, lr_scheduler, state, config, rank)
+
+    while state.step < config.max_steps:
+        epoch, offset = data_position(state.step, config.data.steps_per_epoch)
+        if offset:
+            log.info("data epoch %d: skipping the %d batches trained on before the resume", epoch, offset)
+        loader = make_loader(config.data, seed=config.seed, epoch=epoch, rank=rank, world_size=world_size,
+                             pin_memory=device.type == "cuda")  # fmt: skip
+        batches = iter(batches_after(iter(loader), offset))
+        for position in range(offset, config.data.steps_per_epoch):
+            waited = time.perf_counter()
+            batch = next(batches)
+            window.wait += time.perf_counter() - waited
+            data_counts.update(batch.get("stats", {}))
+            generator = step_generator(config.seed, rank, state.step, device)
+            metrics = train_step(model, to_model_batch(batch, device), optimizer, lr_scheduler, params, config,
+                                 generator)  # fmt: skip
+            if not torch.isfinite(torch.tensor(metrics["loss"])):
+                raise FloatingPointError(f"step {state.step + 1}: loss is {metrics['loss']}")
+            state.step += 1
+            state.samples_seen += len(batch["key"]) * world_size
+            window.losses.append(metrics["loss"])
+            window.grad_norms.append(metrics["grad_norm"])
+            window.samples += len(batch["key"])
+            progress.update(1)
+            if step_log is not None:
+                line = {"step": state.step, "epoch": epoch, "batch": position, "keys": list(batch["key"]),
+                        "loss": metrics["loss"]}  # fmt: skip
+                step_log.write(json.dumps(line) + "\n")
+                step_log.flush()
+            log_now = state.step % config.log_every == 0
+            save_now = state.step % config.checkpoint_every == 0 or state.step == config.max_steps
+            if log_now or save_now:
+                scalars = {**window.scalars(device), "lr": metrics["lr"]}
+                window.reset()
+                if writer is not None:
+                    for name, value in scalars.items():
+                        writer.add_scalar(f"train/{name}", value, state.step)
+                    for name, value in data_counts.items():
+                        writer.add_scalar(f"data/{name}", value, state.step)
+                    progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+                if save_now:  # report is a barrier with the controller: only with a checkpoint
+                    report = {
+                        **scalars,
+                        "step": state.step,
+                        "samples_seen": state.samples_seen,
+                        "epoch": epoch,
+                    }
+                    _report(report, save, state.step, rank)
+            if validation_batch is not None and state.step % config.validation.every == 0:
+                path = write_validation_video(unwrap(model), validation_batch, config.validation,
+                                              run_dir / "validation", state.step)  # fmt: skip
+                unwrap(model).train()  # sampling leaves the model in eval mode
+                log.info("step %d: validation video %s", state.step, path)
+            if state.step >= config.max_steps:
+                break
+    progress.close()
+    if writer is not None:
+        writer.close()
+    if step_log is not None:
+        step_log.close()
+    bad = {k: v for k, v in data_counts.items() if k != "samples" and v}
+    log.info(
+        "done at step %d, %d samples seen; data problems: %s", state.step, state.samples_seen, bad or "none"
+    )
+
+
+def prepare(config: TrainConfig) -> TrainConfig:
+    """On the driver: make local paths absolute (workers and jobs run elsewhere) and find init_from."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
+
+    config.storage_path = absolute(config.storage_path)
+    config.data.root = absolute(config.data.root)
+    config.model.weights_dir = absolute(config.model.weights_dir)
+    init = config.model.init_from
+    if init and init.lower() != "none":
+        config.model.init_from = str(resolve_init_checkpoint(init, config.storage_path))
+    else:
+        config.model.init_from = None
+    return config
+
+
+def launch(config: TrainConfig) -> ray.train.Result:
+    """Run the training described by config on the current Ray cluster (a loopback one when none)."""
+    config = prepare(config)
+    init_ray(None, log_to_driver=True)
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=config.storage_path,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+    )
+    log.info("training %s: %d worker(s), storage %s", config.name, config.num_workers, config.storage_path)
+    return trainer.fit()
