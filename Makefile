@@ -13,9 +13,11 @@ RAY_STATE ?= out/ray-head
 RAY_PORT ?= 6380
 RAY_DASHBOARD_PORT ?= 8266
 RAY_JOB_ADDRESS ?= http://127.0.0.1:$(RAY_DASHBOARD_PORT)
+DEMO_OUT := out/demo
+TRAIN_OUT ?= out/train-demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup shards shards-job ray-up ray-down test test-fast lint format bench clean
+.PHONY: help setup shards shards-job train-demo ray-up ray-down test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -36,6 +38,17 @@ shards: setup ## build shards and their gaze subset: DATASET=demo|vfhq|celebvhq 
 shards-job: setup ## the same build as a Ray Job: ray job submit to RAY_JOB_ADDRESS (default: make ray-up's head)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) --working-dir . -- \
 		python jobs/shards.py --dataset $(DATASET) --root $(abspath $(ROOT)) --out $(abspath $(OUT)) $(ARGS)
+
+train-demo: setup ## tiny stage 1, then stage 2 from it, on the demo shards: ray job submit to a local head it starts and stops
+	test -f $(DEMO_OUT)/gaze/select.json || $(MAKE) shards DATASET=demo OUT=$(DEMO_OUT)
+	rm -rf $(TRAIN_OUT)
+	$(MAKE) ray-up
+	set -e; trap '$(MAKE) ray-down' EXIT; for stage in stage1 stage2; do \
+		RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) --working-dir . -- \
+			python jobs/$$stage.py --config configs/train/tiny.yaml data.root=$(abspath $(DEMO_OUT)) \
+			storage_path=$(abspath $(TRAIN_OUT)) $(ARGS); \
+	done
+	@echo "checkpoints, TensorBoard events and validation videos: $(TRAIN_OUT)/stage1, $(TRAIN_OUT)/stage2"
 
 ray-up: setup ## start a local Ray head on loopback for `ray job submit` (its own process group)
 	$(BIN)/python scripts/local_ray.py up --state $(RAY_STATE) --port $(RAY_PORT) --dashboard-port $(RAY_DASHBOARD_PORT)

@@ -15,12 +15,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from model.config import apply_overrides
 from model.loading import load_megactor
-from model.preprocess import prepare_background_mask, prepare_driving, prepare_reference, read_image
+from model.preprocess import (
+    prepare_background_mask,
+    prepare_driving,
+    prepare_reference,
+    read_image,
+    to_uint8_frames,
+)
 from model.sampling import MegActorPipeline, SamplingConfig
 from pipeline.video import encode_mp4, probe_video, read_video_frames
 
@@ -83,10 +88,10 @@ def main(argv: list[str] | None = None) -> Path:
     log.info("animating %d driving frames at %d px", len(driving), options.resolution)
 
     video = MegActorPipeline(model)(reference, driving, mask, sampling)  # (F, 3, R, R) in [-1, 1]
-    pixels = ((video.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pixels = to_uint8_frames(video)
     fps = options.fps or probe_video(args.driving).fps
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(encode_mp4(np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy()), fps))
+    args.out.write_bytes(encode_mp4(pixels, fps))
     log.info("wrote %s (%d frames, %.2f fps)", args.out, len(pixels), fps)
     return args.out
 

@@ -24,6 +24,12 @@ def to_model_pixels(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
+    """float (T, 3, H, W) in [-1, 1] -> uint8 (T, H, W, 3): the inverse of to_model_pixels."""
+    pixels = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy())
+
+
 def grayscale3(frames: np.ndarray) -> np.ndarray:
     """uint8 (T, H, W, 3) RGB -> the BT.601 luma copied into 3 channels (the DrivenEncoder's input)."""
     luma = np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames])

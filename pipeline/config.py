@@ -128,6 +128,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return {k: _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value

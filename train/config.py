@@ -18,7 +18,7 @@ from train.data import DataConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
 STAGES = ("stage1", "stage2")
 STRATEGIES = ("ddp", "fsdp")
-PRECISIONS = ("bf16", "no")
+PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass

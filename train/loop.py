@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,17 +102,21 @@ def diffusion_loss(
         return per_sample.mean()
     megactor = unwrap(model)
     snr = compute_snr(megactor.scheduler, output.timesteps).to(per_sample.device)  # (B,)
-    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-    if megactor.config.prediction_type == "v_prediction":
-        weight = clipped / (snr + 1)
-    else:  # zero-terminal SNR gives snr = 0 at t = 999, where min(snr, gamma) / snr -> 1
-        weight = torch.where(snr > 0, clipped / snr.clamp(min=1e-12), torch.ones_like(snr))
-    return (per_sample * weight).mean()
+    return (per_sample * min_snr_weights(snr, snr_gamma, megactor.config.prediction_type)).mean()
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    # zero-terminal SNR gives SNR = 0 at t = 999, where min(SNR, gamma) / SNR -> 1
+    return torch.where(snr > 0, clipped / snr.clamp(min=1e-12), torch.ones_like(snr))
 
 
 @torch.no_grad()
 def evaluation_loss(
-    model: nn.Module, batch: MegActorBatch, seed: int = 0, mixed_precision: str = "no", repeats: int = 4
+    model: nn.Module, batch: MegActorBatch, seed: int = 0, mixed_precision: str = "fp32", repeats: int = 4
 ) -> float:
     """Loss on a fixed batch with fixed noise and timesteps (eval mode: no reference dropout)."""
     megactor = unwrap(model)
@@ -296,7 +299,3 @@ def mean_across_ranks(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(tensor)
     return float(tensor) / dist.get_world_size()
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

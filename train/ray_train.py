@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -165,6 +166,15 @@ def run_loop(
         run_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(run_dir / "tensorboard"))
         step_log = (run_dir / STEP_LOG).open("a")
+        epoch, offset = data_position(state.step, config.data.steps_per_epoch)
+        start = {
+            "event": "start",
+            "step": state.step,
+            "epoch": epoch,
+            "batch": offset,
+            "world_size": world_size,
+        }
+        step_log.write(json.dumps(start) + "\n")
         validate = config.validation.every > 0 and config.strategy != "fsdp"
         if config.validation.every > 0 and not validate:
             log.warning("validation videos need the whole model on rank 0: skipped under FSDP")
@@ -193,7 +203,7 @@ def run_loop(
             generator = step_generator(config.seed, rank, state.step, device)
             metrics = train_step(model, to_model_batch(batch, device), optimizer, lr_scheduler, params, config,
                                  generator)  # fmt: skip
-            if not torch.isfinite(torch.tensor(metrics["loss"])):
+            if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"step {state.step + 1}: loss is {metrics['loss']}")
             state.step += 1
             state.samples_seen += len(batch["key"]) * world_size

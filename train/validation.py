@@ -9,18 +9,13 @@ import numpy as np
 import torch
 
 from model.megactor import MegActor
+from model.preprocess import to_uint8_frames
 from model.sampling import MegActorPipeline, SamplingConfig
 from pipeline.video import encode_mp4
 from pipeline.writer import atomic_write_bytes
 from train.config import ValidationConfig
 
 VIDEO_FPS = 8.0
-
-
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """(F, 3, H, W) in [-1, 1] -> uint8 (F, H, W, 3)."""
-    pixels = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -42,7 +37,7 @@ def render_validation(model: MegActor, batch: dict[str, Any], config: Validation
         sampling,
     )
     panels = [batch["driving"][0], generated.cpu(), batch["target"][0]]
-    return np.concatenate([to_uint8(p) for p in panels], axis=2)  # (F, H, 3W, 3)
+    return np.concatenate([to_uint8_frames(p) for p in panels], axis=2)  # (F, H, 3W, 3)
 
 
 def write_validation_video(

@@ -27,3 +27,11 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert result.returncode == 0, result.stderr[-3000:]
     assert list((out / "gaze" / "shards").glob("*.tar")), "the demo gaze subset is empty"
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MegActor weights folder (components + an untrained checkpoint in megactor/)."""
+    from model.loading import write_tiny_weights
+
+    return write_tiny_weights(tmp_path_factory.mktemp("tiny_model"), seed=0)

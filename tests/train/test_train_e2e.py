@@ -1,0 +1,147 @@
+"""The trainer through its real entry points on the demo shards: a killed 2-worker run resumes, and
+`ray job submit` runs stage 2 to a checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from train.config import load_train_config
+from train.data import make_loader
+from train.loop import MODEL_DIR, STATE_FILE, latest_checkpoint, read_train_state
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PYTHON = sys.executable
+TINY = str(REPO / "configs" / "train" / "tiny.yaml")
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and every Ray process it started, as a scheduler preempting the job would."""
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
+
+
+def registered_steps(run_dir: Path) -> list[int]:
+    """Checkpoint steps Ray Train has registered for the run (what a relaunch resumes from)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return []
+    return [r["metrics"]["step"] for r in results]
+
+
+def read_step_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_a_killed_two_worker_run_resumes_its_steps_and_data_position(demo_out: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "train"
+    overrides = [
+        f"data.root={demo_out}", f"storage_path={storage}", "name=resume", "num_workers=2",
+        "cpus_per_worker=0.5", "checkpoint_every=2", "data.steps_per_epoch=3", "validation.every=0",
+        "progress=false",
+    ]  # fmt: skip
+    command = [PYTHON, "jobs/stage1.py", "--config", TINY, *overrides]
+    first = subprocess.Popen(
+        [*command, "max_steps=40"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    run_dir = storage / "resume"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not registered_steps(run_dir):
+        assert first.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    kill_tree(first)
+    killed_log = read_step_log(run_dir)
+    assert registered_steps(run_dir), "no checkpoint was registered before the deadline"
+
+    second = subprocess.run([*command, "max_steps=8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+
+    log = read_step_log(run_dir)
+    starts = [i for i, line in enumerate(log) if line.get("event") == "start"]
+    assert len(starts) == 2, "expected one start per launch"
+    resumed = log[starts[1]]
+    resumed_at = resumed["step"]
+    assert resumed_at > 0 and resumed_at % 2 == 0, f"resumed from step {resumed_at}, not a checkpoint"
+    after = log[starts[1] + 1 :]
+    assert [line["step"] for line in after] == list(range(resumed_at + 1, 9))  # steps continue, none repeated
+
+    # Data position: the resumed steps see exactly the batches an uninterrupted run's rank 0 would see.
+    config = load_train_config("stage1", [TINY], [*overrides, "max_steps=8"])
+    config.data.root = str(demo_out)
+    expected: dict[int, list[str]] = {}
+    for epoch in range(3):
+        loader = make_loader(config.data, seed=config.seed, epoch=epoch, rank=0, world_size=2)
+        for position, batch in enumerate(loader):
+            expected[epoch * 3 + position + 1] = list(batch["key"])
+    assert (resumed["epoch"], resumed["batch"]) == divmod(resumed_at, 3)
+    for line in after:
+        assert line["keys"] == expected[line["step"]], f"step {line['step']}: wrong data position"
+        assert (line["epoch"], line["batch"]) == divmod(line["step"] - 1, 3)
+    for line in killed_log:  # the killed run, too, followed the same stream
+        if "keys" in line:
+            assert line["keys"] == expected.get(line["step"], line["keys"])
+    restart = [expected[s] for s in range(1, 9 - resumed_at)]
+    assert [line["keys"] for line in after] != restart, "a restart from step 0 would have seen the same data"
+
+    final = latest_checkpoint(run_dir)
+    state = read_train_state(final)
+    assert (state.step, state.samples_seen) == (8, 16)  # 2 workers x batch 1 x 8 steps
+    assert (state.epoch, state.epoch_offset) == (2, 2)
+    assert (final / MODEL_DIR / "model.safetensors").is_file() and (final / STATE_FILE).is_file()
+
+
+def test_ray_job_submit_runs_tiny_stage_2_to_a_checkpoint(
+    demo_out: Path, tiny_model_weights: Path, tmp_path: Path
+) -> None:
+    """`ray job submit --working-dir . -- python jobs/stage2.py ...` against a loopback head."""
+    state = tmp_path / "head"
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    helper = [PYTHON, "scripts/local_ray.py"]
+    ports = ["--port", "6393", "--dashboard-port", "8273"]
+    venv_bin = str(Path(PYTHON).parent)  # as in CI: the venv is not on PATH, the job's python is the venv's
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=path)
+    up = subprocess.run(
+        [*helper, "up", "--state", str(state), *ports, "--num-cpus", "2", "--temp-dir", temp_dir],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr[-3000:]
+    storage = tmp_path / "train"
+    try:
+        job = [
+            str(Path(PYTHON).with_name("ray")), "job", "submit", "--address", up.stdout.strip(),
+            "--working-dir", ".", "--", "python", "jobs/stage2.py", "--config", "configs/train/tiny.yaml",
+            f"data.root={demo_out}", f"storage_path={storage}", "max_steps=3", "progress=false",
+            f"model.init_from={tiny_model_weights / 'megactor'}",
+        ]  # fmt: skip
+        result = subprocess.run(job, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-4000:]
+        assert "succeeded" in output
+    finally:
+        subprocess.run([*helper, "down", "--state", str(state)], cwd=REPO, timeout=60)
+    final = latest_checkpoint(storage / "stage2")
+    assert final is not None and read_train_state(final).step == 3
+    assert (final / MODEL_DIR / "model.safetensors").is_file()
+    config = json.loads((final / "train_config.json").read_text())
+    assert (config["data"]["stride"], config["data"]["shards"]) == (12, "gaze/shards")
+    assert list((storage / "stage2" / "tensorboard").glob("events.out.tfevents.*"))

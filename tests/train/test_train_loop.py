@@ -1,0 +1,142 @@
+"""The training step, the loss weighting and training checkpoints, on the tiny model (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.loading import build_megactor
+from model.megactor import MegActorBatch
+from train.config import TrainConfig, load_train_config
+from train.loop import (
+    CONFIG_FILE,
+    MODEL_DIR,
+    STATE_FILE,
+    TrainState,
+    data_position,
+    diffusion_loss,
+    evaluation_loss,
+    latest_checkpoint,
+    load_model_weights,
+    load_optimizer_state,
+    make_lr_scheduler,
+    make_optimizer,
+    min_snr_weights,
+    resolve_init_checkpoint,
+    save_training_checkpoint,
+    step_generator,
+    train_step,
+)
+
+CPU = torch.device("cpu")
+
+
+def tiny_config(**overrides: object) -> TrainConfig:
+    items = [f"{k}={v}" for k, v in overrides.items()]
+    return load_train_config("stage1", [Path("configs/train/tiny.yaml").resolve()], items)
+
+
+def random_batch(seed: int, batch: int = 2, frames: int = 3, size: int = 32) -> MegActorBatch:
+    g = torch.Generator().manual_seed(seed)
+    return MegActorBatch(
+        reference=torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
+        driving=torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
+        background_mask=(torch.rand(batch, 1, size, size, generator=g) > 0.5).float(),
+        target=torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
+    )
+
+
+def setup(weights: Path, config: TrainConfig):
+    torch.manual_seed(0)
+    model = build_megactor(weights, config.megactor_config())
+    params = list(model.trainable_parameters(config.stage).values())
+    model.train()
+    optimizer = make_optimizer(params, config.optim)
+    return model, params, optimizer, make_lr_scheduler(optimizer, config.optim.warmup_steps)
+
+
+def test_min_snr_weighting_reduces_to_mse_for_a_huge_gamma(tiny_model_weights: Path) -> None:
+    model, *_ = setup(tiny_model_weights, tiny_config())
+    model.eval()
+    batch = random_batch(0)
+    with torch.no_grad():
+        plain = diffusion_loss(model, batch, None, step_generator(0, 0, 0, CPU))
+        huge = diffusion_loss(model, batch, 1e12, step_generator(0, 0, 0, CPU))
+        small = diffusion_loss(model, batch, 1e-3, step_generator(0, 0, 0, CPU))
+    assert torch.allclose(plain, huge)
+    assert small < plain
+
+
+def test_min_snr_weights_stay_finite_at_zero_terminal_snr() -> None:
+    snr = torch.tensor([0.0, 0.5, 5.0, 50.0])
+    epsilon = min_snr_weights(snr, 5.0, "epsilon")
+    assert torch.allclose(epsilon, torch.tensor([1.0, 1.0, 1.0, 0.1]))
+    assert torch.allclose(
+        min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 51])
+    )
+
+
+def test_a_resumed_step_equals_the_uninterrupted_one(tiny_model_weights: Path, tmp_path: Path) -> None:
+    """Save after 2 steps, load into a fresh model and optimiser: step 3 gives the same loss and weights."""
+    config = tiny_config(**{"optim.warmup_steps": 4})
+    model, params, optimizer, scheduler = setup(tiny_model_weights, config)
+    for step in range(2):
+        train_step(
+            model, random_batch(step), optimizer, scheduler, params, config, step_generator(0, 0, step, CPU)
+        )
+    state = TrainState(step=2, samples_seen=4, seed=0)
+    save_training_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, state, config, rank=0)
+    expected = train_step(
+        model, random_batch(2), optimizer, scheduler, params, config, step_generator(0, 0, 2, CPU)
+    )
+
+    fresh, fresh_params, fresh_optimizer, fresh_scheduler = setup(tiny_model_weights, config)
+    load_model_weights(fresh, tmp_path / "ckpt")
+    restored = load_optimizer_state(fresh, fresh_optimizer, fresh_scheduler, tmp_path / "ckpt")
+    assert (restored.step, restored.samples_seen) == (2, 4)
+    got = train_step(fresh, random_batch(2), fresh_optimizer, fresh_scheduler, fresh_params, config,
+                     step_generator(0, 0, 2, CPU))  # fmt: skip
+    assert got["lr"] == expected["lr"] < config.optim.lr  # warm-up position restored
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    saved = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert saved["optim"]["warmup_steps"] == 4 and (tmp_path / "ckpt" / STATE_FILE).is_file()
+
+
+def test_evaluation_loss_is_deterministic_and_restores_train_mode(tiny_model_weights: Path) -> None:
+    model, *_ = setup(tiny_model_weights, tiny_config())
+    batch = random_batch(5)
+    first, second = evaluation_loss(model, batch, seed=3), evaluation_loss(model, batch, seed=3)
+    assert first == second and model.training
+    assert evaluation_loss(model, batch, seed=4) != first
+
+
+def test_data_position_counts_epochs_and_offsets() -> None:
+    assert data_position(0, 3) == (0, 0)
+    assert data_position(7, 3) == (2, 1)
+
+
+def test_init_from_resolves_runs_checkpoints_and_model_folders(
+    tiny_model_weights: Path, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    for step in (3, 6):
+        ckpt = storage / "stage1" / f"checkpoint_{step:07d}"
+        (ckpt / MODEL_DIR).mkdir(parents=True)
+        (ckpt / MODEL_DIR / "model.safetensors").write_bytes(b"")
+        (ckpt / STATE_FILE).write_text(json.dumps({"step": step}))
+    (storage / "stage1" / "checkpoint_manager_snapshot.json").write_text("{}")
+    newest = storage / "stage1" / "checkpoint_0000006"
+    assert latest_checkpoint(storage / "stage1") == newest
+    assert resolve_init_checkpoint("stage1", str(storage)) == (newest / MODEL_DIR).resolve()
+    assert resolve_init_checkpoint(
+        str(storage / "stage1" / "checkpoint_0000003"), str(storage)
+    ).parent.name == ("checkpoint_0000003")
+    megactor = tiny_model_weights / "megactor"
+    assert resolve_init_checkpoint(str(megactor), str(storage)) == megactor.resolve()
+    with pytest.raises(FileNotFoundError, match="Train stage 1 first"):
+        resolve_init_checkpoint("stage0", str(storage))
