@@ -149,19 +149,25 @@ def make_lr_scheduler(
 
 
 def fsdp_wrap(model: MegActor, device: torch.device) -> nn.Module:
-    """Shard the trainable UNets block by block; the frozen VAE and CLIP stay whole on every rank."""
+    """FSDP2: shard the trained modules' weights, gradients and AdamW states over the ranks, transformer
+    and ResNet blocks first; the frozen VAE and CLIP stay whole on every rank."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-    return FullyShardedDataParallel(
-        model,
-        auto_wrap_policy=ModuleWrapPolicy({BasicTransformerBlock, ResnetBlock2D}),
-        ignored_states=[model.vae, model.background],
-        use_orig_params=True,  # frozen and trainable parameters share blocks (stage 2, unused tails)
-        device_id=device if device.type == "cuda" else None,
-    )
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for tower in (model.reference_net, model.denoiser):
+        # The ReferenceNet's gradients arrive through the reference bank, not through its outputs, so
+        # FSDP's pre-backward hooks never re-gather its weights: they stay gathered from forward to
+        # backward (its gradients and AdamW states are still sharded).
+        keep = tower is model.reference_net
+        for block in tower.modules():
+            if isinstance(block, (BasicTransformerBlock, ResnetBlock2D)):
+                fully_shard(block, mesh=mesh, reshard_after_forward=not keep)
+        fully_shard(tower, mesh=mesh, reshard_after_forward=not keep)
+    fully_shard(model.driven_encoder, mesh=mesh)
+    return model
 
 
 def wrap_model(model: MegActor, strategy: str, device: torch.device) -> nn.Module:
@@ -175,10 +181,11 @@ def wrap_model(model: MegActor, strategy: str, device: torch.device) -> nn.Modul
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def clip_gradients(model: nn.Module, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm over all shards
-        return model.clip_grad_norm_(max_norm)
-    return nn.utils.clip_grad_norm_(params, max_norm)
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to max_norm over all parameters; under FSDP2 the gradients are sharded DTensors and the norm
+    is reduced over every shard."""
+    norm = nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def train_step(
@@ -195,7 +202,7 @@ def train_step(
         loss = diffusion_loss(model, batch, config.optim.snr_gamma, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = clip_gradients(model, params, config.optim.grad_clip)
+    grad_norm = clip_gradients(params, config.optim.grad_clip)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     lr_scheduler.step()

@@ -133,9 +133,10 @@ def train_worker(config_dict: dict[str, Any]) -> None:
         model = build_model(config, from_init=resume is None)
         if resume_dir:
             load_model_weights(model, Path(resume_dir))
-        params = list(model.trainable_parameters(config.stage).values())
+        model.trainable_parameters(config.stage)  # sets requires_grad for the stage
         model.train()
         wrapped = wrap_model(model, config.strategy, device)
+        params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 swaps in sharded ones
         optimizer = make_optimizer(params, config.optim)
         lr_scheduler = make_lr_scheduler(optimizer, config.optim.warmup_steps)
         state = TrainState(seed=config.seed)
