@@ -12,8 +12,15 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
-from model.preprocess import grayscale3
+from model.preprocess import grayscale3, to_model_pixels
+
+# to_model_pixels of every byte value: a table lookup gives the same floats at a third of the cost.
+_PIXEL_OF_BYTE = to_model_pixels(np.repeat(np.arange(256, dtype=np.uint8).reshape(1, 1, 256, 1), 3, -1))[
+    0, 0, 0
+]
+_PIXEL_OF_BYTE = _PIXEL_OF_BYTE.numpy().copy()
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,10 @@ def draw_jitter(rng: random.Random, scale_range: Sequence[float], aspect_range: 
     return Jitter(scale=rng.uniform(*scale_range), aspect=rng.uniform(*aspect_range))
 
 
-def _interpolation(source: int, target: int) -> int:
-    return cv2.INTER_AREA if target < source else cv2.INTER_LINEAR
+def _interpolation(source: float, target: float) -> int:
+    """Area averaging only where a frame shrinks to under half its size (aliasing); linear otherwise,
+    which is 4-5x cheaper for the mild resizes of the jitter."""
+    return cv2.INTER_AREA if 2 * target < source else cv2.INTER_LINEAR
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
@@ -51,11 +60,21 @@ def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
     return np.stack(resized).astype(bool)
 
 
+def model_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (T, 3, H, W) in [-1, 1], contiguous.
+
+    The values of model.preprocess.to_model_pixels (what inference feeds the model), looked up per byte
+    instead of computed in three float passes: at 512² this was the loader's largest cost.
+    """
+    planar = np.ascontiguousarray(frames.transpose(0, 3, 1, 2))
+    return torch.from_numpy(_PIXEL_OF_BYTE[planar])
+
+
 def black_outside(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """uint8 (T, H, W, 3) with every pixel outside the bool (T, H, W) mask set to black."""
     if mask.shape != frames.shape[:3]:
         raise ValueError(f"mask {mask.shape} does not match frames {frames.shape[:3]}")
-    return np.where(mask[..., None], frames, np.uint8(0))
+    return np.stack([cv2.bitwise_and(f, f, mask=m.view(np.uint8)) for f, m in zip(frames, mask, strict=True)])
 
 
 def jitter_frames(frames: np.ndarray, resolution: int, jitter: Jitter) -> np.ndarray:
@@ -73,7 +92,7 @@ def jitter_frames(frames: np.ndarray, resolution: int, jitter: Jitter) -> np.nda
         ((resolution - n) // 2, 0, n) if n <= resolution else (0, (n - resolution) // 2, resolution)
         for n in (out_h, out_w)
     )
-    interpolation = _interpolation(height * width, out_h * out_w)
+    interpolation = _interpolation(max(height, width), max(out_h, out_w))
     canvas = np.zeros((count, resolution, resolution, channels), np.uint8)
     for i, frame in enumerate(frames):
         resized = cv2.resize(frame, (out_w, out_h), interpolation=interpolation).reshape(

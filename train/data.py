@@ -22,7 +22,6 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from model.preprocess import to_model_pixels
 from pipeline.contract import (
     FACE_MASK,
     FG_MASK,
@@ -34,7 +33,7 @@ from pipeline.contract import (
 )
 from pipeline.video import IndexedVideo
 from pipeline.writer import STATS_SUFFIX
-from train.augment import draw_jitter, prepare_driving_frames, resize_frames, resize_masks
+from train.augment import draw_jitter, model_pixels, prepare_driving_frames, resize_frames, resize_masks
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +170,10 @@ def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -
     jitter = draw_jitter(rng, config.scale_jitter, config.aspect_jitter)
     background = ~resize_masks(foreground, size)  # (1, R, R) True = background
     return {
-        "reference": to_model_pixels(resize_frames(reference[None], size))[0],  # (3, R, R)
-        "driving": to_model_pixels(prepare_driving_frames(driving, face, size, jitter)),  # (F, 3, R, R)
+        "reference": model_pixels(resize_frames(reference[None], size))[0],  # (3, R, R)
+        "driving": model_pixels(prepare_driving_frames(driving, face, size, jitter)),  # (F, 3, R, R)
         "background_mask": torch.from_numpy(background).float(),  # (1, R, R)
-        "target": to_model_pixels(resize_frames(target, size)),  # (F, 3, R, R)
+        "target": model_pixels(resize_frames(target, size)),  # (F, 3, R, R)
         "key": key,
         "frame_indices": np.asarray(indices, np.int64),
         "reference_index": reference_index,
@@ -182,13 +181,18 @@ def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -
     }
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # One sample (batch_size 1, the 512² default) needs no copy.
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
 def collate(samples: list[dict[str, Any]], stats: dict[str, int]) -> dict[str, Any]:
     """Decoded samples -> one batch (see make_loader)."""
     return {
-        "reference": torch.stack([s["reference"] for s in samples]).contiguous(),
-        "driving": torch.stack([s["driving"] for s in samples]).contiguous(),
-        "background_mask": torch.stack([s["background_mask"] for s in samples]).contiguous(),
-        "target": torch.stack([s["target"] for s in samples]).contiguous(),
+        "reference": _stack([s["reference"] for s in samples]),
+        "driving": _stack([s["driving"] for s in samples]),
+        "background_mask": _stack([s["background_mask"] for s in samples]),
+        "target": _stack([s["target"] for s in samples]),
         "key": [s["key"] for s in samples],
         "frame_indices": torch.from_numpy(np.stack([s["frame_indices"] for s in samples])),
         "reference_index": torch.tensor([s["reference_index"] for s in samples], dtype=torch.int64),

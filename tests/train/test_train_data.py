@@ -21,10 +21,11 @@ from shard_helpers import (
     write_synthetic_shards,
 )
 
+from model.preprocess import to_model_pixels
 from pipeline import contract
 from pipeline.video import EncodeSettings, IndexedVideo, encode_mp4, read_frames_at, read_video_frames
 from pipeline.writer import STATS_SUFFIX, TAR_MTIME
-from train.augment import Jitter, jitter_frames
+from train.augment import Jitter, black_outside, jitter_frames, model_pixels
 from train.data import DataConfig, decode_sample, fixed_batch, list_shards, make_loader
 
 NO_JITTER = {"scale_jitter": [1.0, 1.0], "aspect_jitter": [1.0, 1.0]}
@@ -272,3 +273,11 @@ def test_config_errors_name_the_field() -> None:
         DataConfig(scale_jitter=[1.0, 0.5])
     with pytest.raises(ValueError, match="data.stride"):
         DataConfig(stride=0)
+
+
+def test_pixel_helpers_match_the_model_preprocessing() -> None:
+    frames = np.random.default_rng(1).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
+    assert torch.equal(model_pixels(frames), to_model_pixels(frames))
+    assert model_pixels(frames).is_contiguous()
+    mask = np.random.default_rng(2).random((3, 16, 24)) > 0.5
+    assert np.array_equal(black_outside(frames, mask), np.where(mask[..., None], frames, 0))
