@@ -94,7 +94,7 @@ def list_shards(config: DataConfig) -> list[str]:
     location = Path(config.shards)
     if not location.is_absolute():
         location = Path(config.root) / location
-    if glob.has_magic(str(location)):
+    if any(char in str(location) for char in "*?["):
         candidates = sorted(Path(p) for p in glob.glob(str(location)))
     else:
         if not location.is_dir():

@@ -21,7 +21,7 @@ from shard_helpers import (
     write_synthetic_shards,
 )
 
-from model.preprocess import to_model_pixels
+from model.preprocess import grayscale3, to_model_pixels
 from pipeline import contract
 from pipeline.video import EncodeSettings, IndexedVideo, encode_mp4, read_frames_at, read_video_frames
 from pipeline.writer import STATS_SUFFIX, TAR_MTIME
@@ -214,7 +214,9 @@ def test_loader_yields_exactly_steps_per_epoch_batches(shards: Path) -> None:
 
 def test_stream_is_deterministic_and_differs_by_epoch_and_rank(shards: Path) -> None:
     def run(workers: int, epoch: int = 0, rank: int = 0) -> list[dict]:
-        config = config_for(shards, num_workers=workers, steps_per_epoch=6, batch_size=1)
+        config = config_for(
+            shards, num_workers=workers, steps_per_epoch=5, batch_size=1
+        )  # 3 + 2 with 2 workers
         return list(make_loader(config, seed=7, epoch=epoch, rank=rank, world_size=2))
 
     first, again = run(0), run(0)
@@ -281,3 +283,22 @@ def test_pixel_helpers_match_the_model_preprocessing() -> None:
     assert model_pixels(frames).is_contiguous()
     mask = np.random.default_rng(2).random((3, 16, 24)) > 0.5
     assert np.array_equal(black_outside(frames, mask), np.where(mask[..., None], frames, 0))
+
+
+def test_a_dark_reference_is_redrawn(shards: Path) -> None:
+    # A frame's brightness grows with the number of white code cells (set bits of its index).
+    luma = {t: float(grayscale3(synthetic_frame(t, 64)[None])[0, ..., 0].mean()) for t in range(38)}
+    threshold = (
+        min(v for t, v in luma.items() if t.bit_count() == 3)
+        + max(v for t, v in luma.items() if t.bit_count() == 2)
+    ) / 2
+    raw = raw_samples(shards)[0]
+
+    def bright_share(min_luma: float) -> float:
+        config = config_for(shards, min_reference_luma=min_luma, **NO_JITTER)
+        rng = random.Random(0)
+        references = [decode_sample(raw, config, rng)["reference_index"] for _ in range(60)]
+        return sum(luma[t] > threshold for t in references) / len(references)
+
+    assert bright_share(0.0) < 0.65  # 18 of the first 38 frames have 3 or more bits set
+    assert bright_share(threshold) > 0.85  # up to 4 draws: 1 - (20/38)^4 = 0.92
