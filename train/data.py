@@ -150,8 +150,9 @@ def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -
                 break
             candidate = rng.randrange(length)
             frame = real.read([candidate])[0]
-            if _mean_luma(frame) > luma:
-                reference, reference_index, luma = frame, candidate, _mean_luma(frame)
+            frame_luma = _mean_luma(frame)
+            if frame_luma > luma:
+                reference, reference_index, luma = frame, candidate, frame_luma
     if driving_member == REAL:
         driving = target
     else:
