@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,3 +115,24 @@ def required_members(meta: SampleMeta) -> set[str]:
     if meta.bucket != "real" and ("swap" in meta.annotations or "stylise" in meta.annotations):
         members.add(VIDEO_MEMBER_OF_BUCKET[meta.bucket])
     return members
+
+
+def decode_mask_frames(data: bytes, indices: Sequence[int]) -> np.ndarray:
+    """bool (len(indices), H, W): only the asked frames of a face.npz / fg.npz member are unpacked.
+
+    The bits are one flat packbits array of the [T,H,W] mask, so frame t is bits [t*H*W, (t+1)*H*W).
+    """
+    with np.load(io.BytesIO(data)) as npz:
+        num_frames, height, width = (int(v) for v in npz["shape"])
+        bits = npz["bits"]
+    frame_bits = height * width
+    out = np.empty((len(indices), height, width), bool)
+    for row, t in enumerate(indices):
+        t = int(t)
+        if not 0 <= t < num_frames:
+            raise ValueError(f"mask frame {t} outside a mask of {num_frames} frames")
+        first, stop = t * frame_bits, (t + 1) * frame_bits
+        chunk = np.unpackbits(bits[first // 8 : (stop + 7) // 8])
+        offset = first % 8
+        out[row] = chunk[offset : offset + frame_bits].astype(bool).reshape(height, width)
+    return out

@@ -190,3 +190,100 @@ def encode_mp4(frames: np.ndarray, fps: float, settings: EncodeSettings | None =
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+class IndexedVideo:
+    """A video demuxed once (packets, keyframes, presentation order) that decodes any set of its frames.
+
+    Reading frames jumps to the keyframe at or before the first frame it needs and decodes forward from
+    there, jumping again only when the next needed frame lies beyond the next keyframe; only the frames
+    asked for are converted to RGB. Our shard videos are constant-fps H.264 with closed GOPs (libx264's
+    default), so decoding from a keyframe gives exactly the frames a full decode gives.
+    """
+
+    def __init__(self, source: str | Path | bytes, threads: int = 1) -> None:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+        self._container = av.open(handle)
+        if not self._container.streams.video:
+            self._container.close()
+            raise ValueError(f"{'<bytes>' if isinstance(source, bytes) else source}: no video stream")
+        stream = self._container.streams.video[0]
+        self._codec = stream.codec_context
+        if threads == 1:
+            self._codec.thread_count = 1
+        else:
+            self._codec.thread_type = "AUTO"
+            self._codec.thread_count = threads
+        # Packets in decode order; the end-of-stream flush packet carries no data.
+        self._packets = [p for p in self._container.demux(stream) if p.size and p.pts is not None]
+        order = sorted(p.pts for p in self._packets)
+        self._index_of_pts = {pts: i for i, pts in enumerate(order)}
+        # For every frame (presentation index), the decode position of the last keyframe at or before it.
+        keyframes = [(p.pts, pos) for pos, p in enumerate(self._packets) if p.is_keyframe]
+        if not keyframes or keyframes[0][1] != 0:
+            self._container.close()
+            raise ValueError("video does not start with a keyframe")
+        self._keyframe_of = []
+        current = 0
+        for pts in order:
+            while current + 1 < len(keyframes) and keyframes[current + 1][0] <= pts:
+                current += 1
+            self._keyframe_of.append(keyframes[current][1])
+
+    @property
+    def num_frames(self) -> int:
+        return len(self._packets)
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        """RGB uint8 (len(indices), H, W, 3) of the frames at `indices` (any order, repeats allowed)."""
+        wanted = sorted(set(int(i) for i in indices))
+        if not wanted:
+            raise ValueError("no frame indices given")
+        if wanted[0] < 0 or wanted[-1] >= self.num_frames:
+            raise ValueError(
+                f"frame indices {wanted[0]}..{wanted[-1]} outside a video of {self.num_frames} frames"
+            )
+        wanted_set, got = set(wanted), {}
+        position = None  # next packet (decode order) to feed; None = decoder not started
+        for target in wanted:
+            if target in got:
+                continue
+            keyframe = self._keyframe_of[target]
+            if position is None or keyframe > position:
+                self._codec.flush_buffers()  # a jump: the decoder restarts at the keyframe
+                position = keyframe
+            while target not in got:
+                if position < len(self._packets):
+                    frames = self._codec.decode(self._packets[position])
+                    position += 1
+                else:
+                    frames = self._codec.decode(None)  # drain the frames the decoder still holds
+                    if not frames:
+                        raise ValueError(
+                            f"frame {target} was not decoded (video of {self.num_frames} frames)"
+                        )
+                for frame in frames:
+                    index = self._index_of_pts.get(frame.pts)
+                    if index in wanted_set and index not in got:
+                        got[index] = frame.to_ndarray(format="rgb24")
+            if position >= len(self._packets):
+                position = None  # drained: a later frame needs a restart (flush) first
+        return np.stack([got[int(i)] for i in indices])
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> IndexedVideo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_frames_at(source: str | Path | bytes, indices: Sequence[int], threads: int = 1) -> np.ndarray:
+    """Decode only the frames at `indices` (presentation order, 0-based) as RGB uint8 (N, H, W, 3).
+
+    Equal to `read_video_frames(source)[indices]`, without decoding the GOPs no index falls in.
+    """
+    with IndexedVideo(source, threads) as video:
+        return video.read(indices)

@@ -1,0 +1,445 @@
+"""Shards -> training batches: a seeded WebDataset stream per Ray Train worker and DataLoader worker.
+
+The stream of one (seed, epoch, rank) is deterministic, also with several DataLoader workers, so the
+trainer resumes mid-epoch by rebuilding the epoch's loader and skipping the batches it already used.
+Every rank yields exactly `steps_per_epoch` batches, so DDP ranks never wait on each other at an
+epoch's end. A sample decodes only the frames it needs (pipeline.video.IndexedVideo).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.contract import (
+    FACE_MASK,
+    FG_MASK,
+    META,
+    REAL,
+    VIDEO_MEMBER_OF_BUCKET,
+    SampleMeta,
+    decode_mask_frames,
+)
+from pipeline.video import IndexedVideo
+from pipeline.writer import STATS_SUFFIX
+from train.augment import draw_jitter, model_pixels, prepare_driving_frames, resize_frames, resize_masks
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("bad_samples", "too_short", "missing_member", "samples")
+REFERENCE_DRAWS = 4  # tries for a reference frame brighter than min_reference_luma, then the brightest
+MAX_FAILURES_IN_A_ROW = 1000  # a stream that only fails is a broken configuration, not bad luck
+
+
+@dataclass
+class DataConfig:
+    """The `data` section of a train config."""
+
+    root: str = "out/vfhq"  # the shard builder's output folder
+    shards: str = "shards"  # relative to root (or absolute): a folder of committed shards, or a glob
+    num_frames: int = 16
+    stride: int = 2  # stage 1: 2, stage 2: 12
+    resolution: int = 512  # frames are resized to this when the shards hold another size
+    batch_size: int = 1  # per Ray Train worker
+    num_workers: int = 4  # DataLoader processes per Ray Train worker (0 = in-process)
+    shuffle_buffer: int = 32  # raw (undecoded) samples
+    steps_per_epoch: int = 1000  # every rank yields exactly this many batches per data epoch
+    scale_jitter: list[float] = field(default_factory=lambda: [0.8, 1.0])  # driving size jitter range
+    aspect_jitter: list[float] = field(default_factory=lambda: [0.85, 1.15])  # width/height factor range
+    min_reference_luma: float = 5.0  # the authors drop dark frames; a darker reference is redrawn
+    log_every: int = 100  # log the first and every Nth bad sample of each kind
+
+    def __post_init__(self) -> None:
+        positive = ("num_frames", "stride", "resolution", "batch_size", "steps_per_epoch", "log_every")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError(
+                f"data.num_workers / data.shuffle_buffer: expected >= 0, got {self.num_workers} / {self.shuffle_buffer}"
+            )
+        for name in ("scale_jitter", "aspect_jitter"):
+            bounds = [float(v) for v in getattr(self, name)]
+            if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+                raise ValueError(f"data.{name}: expected [low, high] with 0 < low <= high, got {bounds}")
+            setattr(self, name, bounds)
+
+    @property
+    def span(self) -> int:
+        """Frames a clip needs: num_frames at stride."""
+        return (self.num_frames - 1) * self.stride + 1
+
+
+class SampleSkipped(Exception):
+    """A sample the loader cannot use by design (not a broken file); `reason` is one of the stat names."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def list_shards(config: DataConfig) -> list[str]:
+    """Committed shards (those with a stats file: the writer's commit marker), sorted."""
+    location = Path(config.shards)
+    if not location.is_absolute():
+        location = Path(config.root) / location
+    if any(char in str(location) for char in "*?["):
+        candidates = sorted(Path(p) for p in glob.glob(str(location)))
+    else:
+        if not location.is_dir():
+            raise FileNotFoundError(f"shard folder {location} does not exist (data.root / data.shards)")
+        candidates = sorted(location.glob("*.tar"))
+    tars = [p for p in candidates if p.suffix == ".tar"]
+    committed = [str(p) for p in tars if p.with_name(p.name[: -len(".tar")] + STATS_SUFFIX).exists()]
+    if not committed:
+        raise FileNotFoundError(
+            f"no committed shards in {location}: found {len(tars)} .tar files, none with a {STATS_SUFFIX} marker"
+        )
+    return committed
+
+
+def _mean_luma(frame: np.ndarray) -> float:
+    return float(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).mean())
+
+
+def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -> dict[str, Any]:
+    """One raw shard sample -> target, reference, driving and background mask at config.resolution.
+
+    Raises SampleSkipped for a clip shorter than the frames asked for or a member missing; any other
+    error means a broken sample, which the stream counts as bad.
+    """
+    key = str(raw.get("__key__", "?"))
+    if META not in raw:
+        raise SampleSkipped("missing_member", f"{key}: no {META} member")
+    meta = SampleMeta.from_json_bytes(raw[META])
+    if meta.bucket not in VIDEO_MEMBER_OF_BUCKET:
+        raise ValueError(f"{key}: bucket {meta.bucket!r}, expected one of {sorted(VIDEO_MEMBER_OF_BUCKET)}")
+    driving_member = VIDEO_MEMBER_OF_BUCKET[meta.bucket]
+    missing = [m for m in dict.fromkeys((REAL, driving_member, FACE_MASK, FG_MASK)) if m not in raw]
+    if missing:
+        raise SampleSkipped("missing_member", f"{key} ({meta.bucket}): no {', '.join(missing)}")
+    length = meta.num_frames
+    if length < config.span:
+        raise SampleSkipped(
+            "too_short",
+            f"{key}: {length} frames, {config.num_frames} frames at stride {config.stride} need {config.span}",
+        )
+
+    start = rng.randint(0, length - config.span)
+    indices = [start + config.stride * k for k in range(config.num_frames)]
+    with IndexedVideo(raw[REAL]) as real:
+        if real.num_frames != length:
+            raise ValueError(f"{key}: {REAL} holds {real.num_frames} frames, its json says {length}")
+        reference_index = rng.randrange(length)
+        frames = real.read([*indices, reference_index])  # one pass; a far reference costs one more seek
+        target, reference = frames[:-1], frames[-1]
+        luma = _mean_luma(reference)
+        for _ in range(REFERENCE_DRAWS - 1):
+            if luma >= config.min_reference_luma:
+                break
+            candidate = rng.randrange(length)
+            frame = real.read([candidate])[0]
+            frame_luma = _mean_luma(frame)
+            if frame_luma > luma:
+                reference, reference_index, luma = frame, candidate, frame_luma
+    if driving_member == REAL:
+        driving = target
+    else:
+        with IndexedVideo(raw[driving_member]) as video:
+            if video.num_frames != length:
+                raise ValueError(f"{key}: {driving_member} holds {video.num_frames} frames, {REAL} {length}")
+            driving = video.read(indices)
+    face = decode_mask_frames(raw[FACE_MASK], indices)
+    foreground = decode_mask_frames(raw[FG_MASK], [reference_index])
+    if face.shape[1:] != target.shape[1:3] or foreground.shape[1:] != target.shape[1:3]:
+        raise ValueError(
+            f"{key}: masks {face.shape[1:]} / {foreground.shape[1:]}, frames {target.shape[1:3]}"
+        )
+
+    size = config.resolution
+    jitter = draw_jitter(rng, config.scale_jitter, config.aspect_jitter)
+    background = ~resize_masks(foreground, size)  # (1, R, R) True = background
+    return {
+        "reference": model_pixels(resize_frames(reference[None], size))[0],  # (3, R, R)
+        "driving": model_pixels(prepare_driving_frames(driving, face, size, jitter)),  # (F, 3, R, R)
+        "background_mask": torch.from_numpy(background).float(),  # (1, R, R)
+        "target": model_pixels(resize_frames(target, size)),  # (F, 3, R, R)
+        "key": key,
+        "frame_indices": np.asarray(indices, np.int64),
+        "reference_index": reference_index,
+        "bucket": meta.bucket,
+    }
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # One sample (batch_size 1, the 512² default) needs no copy.
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def collate(samples: list[dict[str, Any]], stats: dict[str, int]) -> dict[str, Any]:
+    """Decoded samples -> one batch (see make_loader)."""
+    return {
+        "reference": _stack([s["reference"] for s in samples]),
+        "driving": _stack([s["driving"] for s in samples]),
+        "background_mask": _stack([s["background_mask"] for s in samples]),
+        "target": _stack([s["target"] for s in samples]),
+        "key": [s["key"] for s in samples],
+        "frame_indices": torch.from_numpy(np.stack([s["frame_indices"] for s in samples])),
+        "reference_index": torch.tensor([s["reference_index"] for s in samples], dtype=torch.int64),
+        "bucket": [s["bucket"] for s in samples],
+        "stats": stats,
+    }
+
+
+def _worker_slot() -> tuple[int, int]:
+    """(this DataLoader worker's id, number of workers); (0, 1) in-process."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _stream_rng(purpose: str, seed: int, epoch: int, rank: int) -> random.Random:
+    """A generator owned by one (seed, epoch, rank, DataLoader worker) and one pipeline step."""
+    worker, _ = _worker_slot()
+    return random.Random(f"{purpose}:{seed}:{epoch}:{rank}:{worker}")
+
+
+class StreamStats:
+    """One DataLoader worker's counts of dropped samples; logs the first and every Nth of each kind."""
+
+    def __init__(self, rank: int, log_every: int) -> None:
+        self.rank, self.log_every = rank, log_every
+        self.pending = dict.fromkeys(STAT_NAMES, 0)  # since the previous batch
+        self.totals = dict.fromkeys(STAT_NAMES, 0)
+        self.failures_in_a_row = 0
+
+    def count(self, name: str) -> None:
+        self.pending[name] += 1
+        self.totals[name] += 1
+
+    def failed(self, name: str, message: str) -> None:
+        self.count(name)
+        self.failures_in_a_row += 1
+        total = self.totals[name]
+        if total == 1 or total % self.log_every == 0:
+            worker, _ = _worker_slot()
+            log.warning("rank %d worker %d: %s #%d: %s", self.rank, worker, name, total, message)
+        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            raise RuntimeError(
+                f"{self.failures_in_a_row} samples in a row unusable ({self.totals}); last: {message}. "
+                "Check the shards and data.num_frames x data.stride against the clip lengths."
+            )
+
+    def succeeded(self) -> None:
+        self.failures_in_a_row = 0
+
+    def tar_error(self, exc: BaseException) -> bool:
+        """WebDataset handler: count unreadable shard data (a truncated tar) and go on."""
+        self.failed("bad_samples", f"unreadable shard data: {exc}")
+        return True
+
+    def take(self) -> dict[str, int]:
+        out, self.pending = self.pending, dict.fromkeys(STAT_NAMES, 0)
+        return out
+
+
+class ShardStream(IterableDataset):
+    """{"url"} of endless shard passes, each a permutation drawn from Random(seed, epoch).
+
+    The passes are dealt round-robin to the world_size x num_workers (rank, worker) slots, so within a
+    pass no two slots read the same shard (when there are enough shards), and any shard count works.
+    """
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.urls, self.seed, self.epoch, self.rank, self.world_size = urls, seed, epoch, rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        worker, num_workers = _worker_slot()
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        rng = random.Random(f"shards:{self.seed}:{self.epoch}")  # the same passes in every slot
+        dealt = 0
+        while True:
+            order = list(self.urls)
+            rng.shuffle(order)
+            for url in order:
+                if dealt % slots == slot:
+                    yield {"url": url}
+                dealt += 1
+
+
+class Shuffle:
+    """Seeded buffer shuffle of raw samples (per worker: Random(seed, epoch, rank, worker))."""
+
+    def __init__(self, size: int, seed: int, epoch: int, rank: int) -> None:
+        self.size, self.seed, self.epoch, self.rank = size, seed, epoch, rank
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = _stream_rng("shuffle", self.seed, self.epoch, self.rank)
+        buffer: list[dict[str, Any]] = []
+        for sample in source:
+            if len(buffer) < self.size:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class Decode:
+    """Raw samples -> decoded samples; skipped and broken ones are counted, logged and dropped."""
+
+    def __init__(self, config: DataConfig, seed: int, epoch: int, rank: int, stats: StreamStats) -> None:
+        self.config, self.seed, self.epoch, self.rank, self.stats = config, seed, epoch, rank, stats
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = _stream_rng("decode", self.seed, self.epoch, self.rank)
+        for raw in source:
+            self.stats.count("samples")
+            try:
+                sample = decode_sample(raw, self.config, rng)
+            except SampleSkipped as exc:
+                self.stats.failed(exc.reason, str(exc))
+                continue
+            except Exception as exc:  # a broken sample must not stop training
+                self.stats.failed("bad_samples", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
+                continue
+            self.stats.succeeded()
+            yield sample
+
+
+class Batch:
+    """Decoded samples -> batches carrying the worker's counts since its previous batch."""
+
+    def __init__(self, batch_size: int, stats: StreamStats) -> None:
+        self.batch_size, self.stats = batch_size, stats
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        samples = []
+        for sample in source:
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield collate(samples, self.stats.take())
+                samples = []
+
+
+class EpochShare:
+    """with_epoch, per worker: this worker's share of steps_per_epoch (they add up to it exactly)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker_slot()
+        share = self.steps // num_workers + (1 if worker < self.steps % num_workers else 0)
+        count = 0
+        if share == 0:
+            return
+        for batch in source:
+            yield batch
+            count += 1
+            if count == share:
+                return  # before pulling (and decoding) one batch more
+        raise RuntimeError(f"the shard stream ended after {count} of {share} batches")
+
+
+def build_pipeline(config: DataConfig, seed: int, epoch: int, rank: int, world_size: int) -> wds.DataPipeline:
+    """The stream of one rank, as DataLoader workers run it (each worker owns a copy of the stats)."""
+    stats = StreamStats(rank, config.log_every)
+    return wds.DataPipeline(
+        # {"url"}: endless seeded shard passes, this (rank, worker) slot's share of them
+        ShardStream(list_shards(config), seed, epoch, rank, world_size),
+        # raw samples {"__key__", "real.mp4", "face.npz", ...}; unreadable tar data counted, then skipped
+        wds.tarfile_to_samples(handler=stats.tar_error),
+        # raw samples, seeded buffer shuffle
+        Shuffle(config.shuffle_buffer, seed, epoch, rank),
+        # decoded samples (tensors); too-short, incomplete and broken samples counted, then skipped
+        Decode(config, seed, epoch, rank, stats),
+        # batches (+ "stats")
+        Batch(config.batch_size, stats),
+        # this worker's share of steps_per_epoch batches
+        EpochShare(config.steps_per_epoch),
+    )
+
+
+def _init_worker(_: int) -> None:
+    # One DataLoader worker = one core: threaded resizes in several workers only contend.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class EpochLoader:
+    """One data epoch of one rank: exactly `steps_per_epoch` batches (len() says how many)."""
+
+    def __init__(self, loader: DataLoader, steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.loader)
+
+
+def make_loader(
+    config: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int, pin_memory: bool = False
+) -> EpochLoader:
+    """The batches of one data epoch of one rank; the same (seed, epoch, rank, config) gives the same batches.
+
+    A batch: "reference" (B, 3, H, W), "driving" and "target" (B, F, 3, H, W), float32 in [-1, 1];
+    "background_mask" (B, 1, H, W) 1 = background of the reference frame; "key", "bucket" lists;
+    "frame_indices" (B, F) and "reference_index" (B,) int64; "stats" {name: count} since the previous
+    batch of the DataLoader worker that made it (sum them over batches, workers and ranks).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    pipeline = build_pipeline(config, seed, epoch, rank, world_size)
+    loader = DataLoader(
+        pipeline,
+        batch_size=None,  # the pipeline batches
+        num_workers=config.num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_init_worker if config.num_workers else None,
+    )
+    return EpochLoader(loader, config.steps_per_epoch)
+
+
+def fixed_batch(config: DataConfig, count: int, seed: int = 0) -> dict[str, Any]:
+    """The first `count` usable samples in sorted shard order as one batch, frames and jitter from Random(seed).
+
+    No resampling or shuffling: the same shards give the same batch (validation videos, learning tests).
+    """
+    rng = random.Random(seed)
+    stats = StreamStats(rank=0, log_every=config.log_every)
+    samples: list[dict[str, Any]] = []
+    raw_samples = wds.DataPipeline(
+        wds.SimpleShardList(list_shards(config)), wds.tarfile_to_samples(handler=stats.tar_error)
+    )
+    for raw in raw_samples:
+        stats.count("samples")
+        try:
+            samples.append(decode_sample(raw, config, rng))
+        except SampleSkipped as exc:
+            stats.failed(exc.reason, str(exc))
+            continue
+        except Exception as exc:  # the same samples count as broken here as in the stream
+            stats.failed("bad_samples", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
+            continue
+        stats.succeeded()
+        if len(samples) == count:
+            return collate(samples, stats.take())
+    raise ValueError(
+        f"fixed_batch: asked for {count} usable samples, the shards hold {len(samples)} ({stats.totals})"
+    )
