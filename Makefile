@@ -72,6 +72,7 @@ format: setup ## apply ruff format and safe fixes
 
 bench: setup ## run the benchmarks (JSON on stdout)
 	$(BIN)/python benchmarks/shard_build.py
+	$(BIN)/python benchmarks/loader.py
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf out data .pytest_cache
