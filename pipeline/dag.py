@@ -37,6 +37,7 @@ def init_ray(num_cpus: int | None, log_to_driver: bool = False) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
         ray.init(
+            address="local",  # never join a head that `ray start` once recorded in /tmp/ray
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

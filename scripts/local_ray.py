@@ -10,6 +10,7 @@ ends exactly that group. Nothing else on the machine is touched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+DEFAULT_TEMP_DIR = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")  # Ray's own default
 
 
 def _ray_executable() -> str:
@@ -56,7 +59,14 @@ def up(state: Path, port: int, dashboard_port: int, num_cpus: int | None, temp_d
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     info_path.write_text(
-        json.dumps({"pgid": process.pid, "dashboard": dashboard, "gcs": f"127.0.0.1:{port}"})
+        json.dumps(
+            {
+                "pgid": process.pid,
+                "dashboard": dashboard,
+                "gcs": f"127.0.0.1:{port}",
+                "temp_dir": temp_dir or DEFAULT_TEMP_DIR,
+            }
+        )
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -77,7 +87,8 @@ def down(state: Path) -> None:
     info_path = state / "head.json"
     if not info_path.exists():
         return
-    pgid = json.loads(info_path.read_text())["pgid"]
+    info = json.loads(info_path.read_text())
+    pgid = info["pgid"]
     for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
         if not _group_alive(pgid):
             break
@@ -85,6 +96,13 @@ def down(state: Path) -> None:
         deadline = time.monotonic() + wait
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.2)
+    # `ray start` records its head in <temp dir>/ray_current_cluster and `ray.init()` without an address
+    # joins what that file names: remove it when it names this (now stopped) head, as `ray stop` would.
+    current = Path(info.get("temp_dir", DEFAULT_TEMP_DIR)) / "ray_current_cluster"
+    port = info["gcs"].rsplit(":", 1)[1]
+    with contextlib.suppress(OSError):
+        if current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
     info_path.unlink()
 
 

@@ -140,6 +140,8 @@ def test_ray_job_submit_runs_tiny_stage_2_to_a_checkpoint(
         assert "succeeded" in output
     finally:
         subprocess.run([*helper, "down", "--state", str(state)], cwd=REPO, timeout=60)
+    # A stopped head must not stay recorded: a later ray.init() would try to join it.
+    assert not (Path(temp_dir) / "ray_current_cluster").exists()
     final = latest_checkpoint(storage / "stage2")
     assert final is not None and read_train_state(final).step == 3
     assert (final / MODEL_DIR / "model.safetensors").is_file()
