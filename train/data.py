@@ -412,6 +412,10 @@ def make_loader(
         num_workers=config.num_workers,
         pin_memory=pin_memory,
         worker_init_fn=_init_worker if config.num_workers else None,
+        # Ray Train workers (and test processes) run threads; a forked child can inherit a held lock and
+        # hang forever, so workers start from a fresh interpreter.
+        multiprocessing_context="spawn" if config.num_workers else None,
+        persistent_workers=False,
     )
     return EpochLoader(loader, config.steps_per_epoch)
 
