@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 import webdataset as wds
 from lookalike import REPO, make_celebvhq, make_vfhq_clip
+from ray_helpers import RAY, kill_tree, loopback_head
 
 from pipeline import contract
 from pipeline.config import load_build_config
@@ -154,14 +150,7 @@ def test_a_killed_build_resumes_without_duplicates(tmp_path: Path) -> None:
     while time.monotonic() < deadline and not list((out / "shards").glob("*.stats.json")):
         assert process.poll() is None, "the build ended before it could be killed"
         time.sleep(0.2)
-    # Kill the whole job at once, as a scheduler does: the driver and every Ray process it started
-    # (Ray workers sit in process groups of their own).
-    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    psutil.wait_procs(tree, timeout=30)
+    kill_tree(process)  # the whole job at once, as a scheduler does
     manifest_keys = set(pd.read_parquet(out / "manifest.parquet")["key"])
     committed = {k for p in (out / "shards").glob("*.stats.json") for k in json.loads(p.read_text())["keys"]}
     assert 0 < len(committed) < len(manifest_keys), "the kill should land part-way"
@@ -237,23 +226,10 @@ def test_missing_root_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_ray_job_submit_builds_shards(tmp_path: Path) -> None:
     """`ray job submit --working-dir . -- python jobs/shards.py ...` against a loopback head."""
-    state = tmp_path / "head"
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    helper = [PYTHON, "scripts/local_ray.py"]
-    ports = ["--port", "6391", "--dashboard-port", "8271"]
-    # As in CI: the venv is not on PATH, yet the job's `python` must be the venv's.
-    venv_bin = str(Path(PYTHON).parent)
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=path)
-    up = subprocess.run(
-        [*helper, "up", "--state", str(state), *ports, "--num-cpus", "2", "--temp-dir", temp_dir],
-        cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
-    assert up.returncode == 0, up.stderr[-3000:]
-    try:
+    with loopback_head(tmp_path / "head", 6391, 8271) as (address, env, _):
         out = tmp_path / "out"
         job = [
-            str(Path(PYTHON).with_name("ray")), "job", "submit", "--address", up.stdout.strip(),
+            RAY, "job", "submit", "--address", address,
             "--working-dir", ".", "--", "python", "jobs/shards.py", "--dataset", "demo", "--no-progress",
             "--root", str(tmp_path / "demo"), "--out", str(out), *SMALL_DEMO,
         ]  # fmt: skip
@@ -261,5 +237,3 @@ def test_ray_job_submit_builds_shards(tmp_path: Path) -> None:
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         assert "succeeded" in result.stdout + result.stderr
         assert_contract(out)
-    finally:
-        subprocess.run([*helper, "down", "--state", str(state)], cwd=REPO, timeout=60)

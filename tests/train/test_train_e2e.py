@@ -3,18 +3,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from ray_helpers import PYTHON, RAY, REPO, kill_tree, loopback_head
 from safetensors.torch import load_file
 
 from train.config import load_train_config
@@ -23,19 +18,7 @@ from train.loop import MODEL_DIR, STATE_FILE, latest_checkpoint, read_train_stat
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent.parent
-PYTHON = sys.executable
 TINY = str(REPO / "configs" / "train" / "tiny.yaml")
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the driver and every Ray process it started, as a scheduler preempting the job would."""
-    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    psutil.wait_procs(tree, timeout=30)
 
 
 def registered_steps(run_dir: Path) -> list[int]:
@@ -114,22 +97,10 @@ def test_ray_job_submit_runs_tiny_stage_2_to_a_checkpoint(
     demo_out: Path, tiny_model_weights: Path, tmp_path: Path
 ) -> None:
     """`ray job submit --working-dir . -- python jobs/stage2.py ...` against a loopback head."""
-    state = tmp_path / "head"
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    helper = [PYTHON, "scripts/local_ray.py"]
-    ports = ["--port", "6393", "--dashboard-port", "8273"]
-    venv_bin = str(Path(PYTHON).parent)  # as in CI: the venv is not on PATH, the job's python is the venv's
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=path)
-    up = subprocess.run(
-        [*helper, "up", "--state", str(state), *ports, "--num-cpus", "2", "--temp-dir", temp_dir],
-        cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
-    assert up.returncode == 0, up.stderr[-3000:]
     storage = tmp_path / "train"
-    try:
+    with loopback_head(tmp_path / "head", 6393, 8273) as (address, env, temp_dir):
         job = [
-            str(Path(PYTHON).with_name("ray")), "job", "submit", "--address", up.stdout.strip(),
+            RAY, "job", "submit", "--address", address,
             "--working-dir", ".", "--", "python", "jobs/stage2.py", "--config", "configs/train/tiny.yaml",
             f"data.root={demo_out}", f"storage_path={storage}", "max_steps=3", "progress=false",
             f"model.init_from={tiny_model_weights / 'megactor'}",
@@ -138,10 +109,8 @@ def test_ray_job_submit_runs_tiny_stage_2_to_a_checkpoint(
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-4000:]
         assert "succeeded" in output
-    finally:
-        subprocess.run([*helper, "down", "--state", str(state)], cwd=REPO, timeout=60)
     # A stopped head must not stay recorded: a later ray.init() would try to join it.
-    assert not (Path(temp_dir) / "ray_current_cluster").exists()
+    assert not (temp_dir / "ray_current_cluster").exists()
     final = latest_checkpoint(storage / "stage2")
     assert final is not None and read_train_state(final).step == 3
     assert (final / MODEL_DIR / "model.safetensors").is_file()
