@@ -8,6 +8,8 @@ DATASET ?= demo
 ROOT ?= data/$(DATASET)
 OUT ?= out/$(DATASET)
 ARGS ?=
+# The gaze subset keeps segments stage 2 can sample; the demo's are sized for the tiny overlay's span.
+SELECT_ARGS ?= $(if $(filter demo,$(DATASET)),--train-config configs/train/tiny.yaml,)
 PYTEST_ARGS ?=
 RAY_STATE ?= out/ray-head
 RAY_PORT ?= 6380
@@ -33,7 +35,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 shards: setup ## build shards and their gaze subset: DATASET=demo|vfhq|celebvhq ROOT=<dataset folder> OUT=<output folder>
 	$(BIN)/python -m pipeline build --dataset $(DATASET) --root $(ROOT) --out $(OUT) $(ARGS)
-	$(BIN)/python -m pipeline select --out $(OUT)
+	$(BIN)/python -m pipeline select --out $(OUT) $(SELECT_ARGS)
 
 shards-job: setup ## the same build as a Ray Job: ray job submit to RAY_JOB_ADDRESS (default: make ray-up's head)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) --working-dir . -- \

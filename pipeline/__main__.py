@@ -4,6 +4,7 @@ python -m pipeline build --dataset demo --root DIR --out DIR [key=value ...]
 python -m pipeline weights check [--weights-dir DIR]     # what is missing or wrong under WEIGHTS_DIR
 python -m pipeline weights tiny DIR                      # write every model with random weights
 python -m pipeline select --out DIR [--top 0.05 | --threshold 200 --score authors]   # the gaze subset
+    [--min-frames N | --train-config configs/train/tiny.yaml]   # eligible span (default: stage 2's)
 python -m pipeline stats DIR                             # the shard set's statistics as text
 """
 
@@ -55,15 +56,24 @@ def _parser() -> argparse.ArgumentParser:
         "--score", choices=("robust", "authors"), default="robust",
         help="robust: gaze_robust_spread_deg (degrees); authors: gaze_authors (MegActor's variance, keep > 200)",
     )  # fmt: skip
+    span = select.add_mutually_exclusive_group()
+    span.add_argument("--min-frames", type=int, help="frames a segment needs (default: stage 2's span)")
+    span.add_argument(
+        "--train-config", action="append", type=Path, default=None,
+        help="overlay(s) on configs/train/stage2.yaml whose data.num_frames / data.stride give the span",
+    )  # fmt: skip
     stats = commands.add_parser("stats", help="print a shard set's statistics")
     stats.add_argument("dir", help="the build's output folder")
     return parser
 
 
 def _select(args: argparse.Namespace) -> int:
-    from pipeline.select import run_select
+    from pipeline.select import run_select, stage2_span
 
-    selection, written = run_select(Path(args.out), top=args.top, threshold=args.threshold, score=args.score)
+    min_frames = args.min_frames if args.min_frames is not None else stage2_span(args.train_config)
+    selection, written = run_select(
+        Path(args.out), top=args.top, threshold=args.threshold, score=args.score, min_frames=min_frames
+    )
     state = "written" if written else "unchanged"
     log.info(
         "gaze subset %s: %d of %d samples, %s threshold %.4g",

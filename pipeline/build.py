@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.config import BuildConfig
 from pipeline.manifest import build_manifest
-from pipeline.sources import scan_source
+from pipeline.sources import ScanResult, SourceError, scan_source
 from pipeline.stages import get_stage
 from pipeline.weights import ensure_tiny_weights, require_weights, resolve_weights_dir
 from pipeline.writer import (
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".build.lock"
 RECIPE_FIELDS = (
     "dataset", "resolution", "max_frames", "min_frames", "crop_scale", "mix", "seed", "video", "profile", "stages",
+    "splits",
 )  # fmt: skip
 
 
@@ -148,6 +150,20 @@ def _failure_rows(failures) -> list[dict[str, str]]:
     ]
 
 
+def nothing_usable_message(scan: ScanResult) -> str:
+    """Why a scan gave no usable clip: what it looked at, and the failures by reason."""
+    reasons = Counter(f.error for f in scan.failures)
+    looked = "; ".join(scan.searched) or "nothing"
+    if not scan.failures:
+        return f"no clip found ({looked})"
+    first = scan.failures[0]
+    counts = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common())
+    return (
+        f"all {len(scan.failures)} clips failed at the source ({counts}; see failures.parquet); looked at: "
+        f"{looked}. First: {first.clip_id}: {first.message}"
+    )
+
+
 def run_build(config: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildSummary:
     """Build (or finish building) the shard set of `config` in config.out."""
     started = time.perf_counter()
@@ -192,6 +208,9 @@ def _build_locked(
     if removed:
         log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
     scan = scan_source(config)
+    if not scan.records:
+        write_failures(out, _failure_rows(scan.failures))
+        raise SourceError(nothing_usable_message(scan))
     manifest, manifest_failures = build_manifest(scan, config)
     atomic_write_parquet(out / "manifest.parquet", manifest)
     done = committed_keys(shards_dir)

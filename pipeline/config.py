@@ -28,14 +28,30 @@ class VideoConfig:
 
 @dataclass
 class VfhqConfig:
-    meta_dir: str = "meta_info"  # one Clip+...txt per clip
-    frames_dir: str = "frames"  # <clip name>/ of PNGs, or <clip name>.zip
+    """Where VFHQ's files are, relative to ROOT (or absolute). Empty = found under ROOT (the default):
+    meta files in `meta_info/` (split subfolders included) or `meta_info*.zip`, frames in any layout."""
+
+    meta_dir: str = ""  # the folder of Clip+...txt files, or a zip of them
+    frames_dir: str = ""  # the folder to search for frame folders and zips (default: ROOT)
+    search_depth: int = 4  # folder levels searched below frames_dir for clip folders and zips
 
 
 @dataclass
 class CelebvhqConfig:
-    info_file: str = "celebvhq_info.json"
-    videos_dir: str = "videos"  # <clip_id>.mp4 as cut and cropped by the official script
+    """Where CelebV-HQ's files are, relative to ROOT (or absolute). Empty = found under ROOT."""
+
+    info_file: str = ""  # celebvhq_info.json (default: ROOT/celebvhq_info.json, else one level down)
+    videos_dir: str = ""  # cut clips <clip_id>.mp4 / <clip_id>_<k>.mp4 (default: processed/ or videos/)
+    raw_dir: str = ""  # whole source videos <ytb_id>.mp4 (default: raw/)
+
+
+@dataclass
+class SplitConfig:
+    """Held-out splits, drawn per identity (VFHQ-Test clips are test; see pipeline/splits.py)."""
+
+    val: float = 0.05
+    test: float = 0.05
+    seed: int = 0  # independent of the bucket seed: re-mixing must not move identities between splits
 
 
 @dataclass
@@ -83,6 +99,7 @@ class BuildConfig:
     vfhq: VfhqConfig = field(default_factory=VfhqConfig)
     celebvhq: CelebvhqConfig = field(default_factory=CelebvhqConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    splits: SplitConfig = field(default_factory=SplitConfig)
     stages: list[StageConfig] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -102,6 +119,8 @@ class BuildConfig:
             raise ValueError(f"task_num_cpus must be > 0, got {self.task_num_cpus}")
         if self.profile not in ("tiny", "full"):
             raise ValueError(f"profile must be 'tiny' or 'full', got {self.profile!r}")
+        if self.splits.val < 0 or self.splits.test < 0 or self.splits.val + self.splits.test >= 1:
+            raise ValueError(f"splits: need val, test >= 0 and val + test < 1, got {self.splits}")
         if self.crop_scale < 1.0:
             raise ValueError(f"crop_scale must be >= 1, got {self.crop_scale}")
 

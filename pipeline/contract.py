@@ -12,6 +12,9 @@ One sample = one clip segment. Members:
 | fg.npz      | per-frame foreground mask, bool [T,H,W], bit-packed                  |
 | gaze.npy    | float32 [T,2] pitch, yaw in radians; NaN where not computed          |
 | json        | SampleMeta                                                           |
+
+Every shard holds samples of one split (train / val / test), named in its stats file, so a reader picks
+a split's shards without opening the others.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ REAL, SWAP, STYLE = "real.mp4", "swap.mp4", "style.mp4"
 FACE_MASK, FG_MASK, GAZE, META = "face.npz", "fg.npz", "gaze.npy", "json"
 VIDEO_MEMBER_OF_BUCKET = {"real": REAL, "swap": SWAP, "style": STYLE}
 ALL_MEMBERS = (REAL, SWAP, STYLE, FACE_MASK, FG_MASK, GAZE, META)
+SPLIT_FIELD = "split"  # in the json, the index and each shard's stats
+LABEL_KINDS = ("appearance", "action", "emotion")  # index columns: comma-joined names
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_+\-]")
 
@@ -58,6 +63,8 @@ class SampleMeta:
     crop_box: list[int]  # x0, y0, x1, y1 in source pixels (may extend past the frame: padded black)
     resolution: int
     bucket: str
+    split: str = "train"  # train | val | test (pipeline/splits.py); shards hold one split each
+    labels: dict[str, list[str]] = field(default_factory=dict)  # attribute names (CelebV-HQ)
     swap_source_identity: str | None = None
     style_prompt: str | None = None
     style_seed: int | None = None

@@ -12,6 +12,7 @@ from pipeline.config import BuildConfig
 from pipeline.contract import sample_key
 from pipeline.mix import assign_buckets
 from pipeline.sources.base import ClipFailure, ScanResult
+from pipeline.splits import SPLITS, assign_splits
 
 MANIFEST_COLUMNS = [
     "key",
@@ -27,7 +28,11 @@ MANIFEST_COLUMNS = [
     "width",
     "height",
     "face_boxes",
+    "fixed_crop",
+    "member_prefix",
     "bucket",
+    "split",
+    "labels",
 ]
 
 
@@ -51,6 +56,7 @@ def build_manifest(scan: ScanResult, config: BuildConfig) -> tuple[pd.DataFrame,
     rows, failures = [], []
     usable = [r for r in scan.records if r.num_frames >= config.min_frames]
     buckets = assign_buckets([(r.dataset, r.clip_id, r.num_frames) for r in usable], config.seed, config.mix)
+    splits = assign_splits(usable, config.splits)
     for record in scan.records:
         if record.num_frames < config.min_frames:
             msg = f"{record.num_frames} frames < min_frames {config.min_frames}"
@@ -69,15 +75,25 @@ def build_manifest(scan: ScanResult, config: BuildConfig) -> tuple[pd.DataFrame,
                     "source_kind": record.source_kind,
                     "fps": float(record.fps),
                     "segment": segment,
-                    "frame_start": start,
-                    "frame_stop": stop,
+                    "frame_start": record.frame_offset + start,
+                    "frame_stop": record.frame_offset + stop,
                     "width": record.width,
                     "height": record.height,
                     "face_boxes": json.dumps(boxes) if boxes is not None else "",
+                    "fixed_crop": json.dumps(record.crop_box) if record.crop_box else "",
+                    "member_prefix": record.member_prefix,
                     "bucket": bucket,
+                    "split": splits[(record.dataset, record.clip_id)],
+                    "labels": json.dumps(record.labels or {}, sort_keys=True),
                 }
             )
+    # Splits kept together: the writer makes one shard per split it meets in a batch.
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    order = manifest["split"].map({name: i for i, name in enumerate(SPLITS)})
+    manifest = (
+        manifest.assign(_order=order).sort_values(["_order", "key"], kind="stable").drop(columns="_order")
+    )
+    manifest = manifest.reset_index(drop=True)
     duplicated = manifest["key"][manifest["key"].duplicated()]
     if len(duplicated):
         raise ValueError(f"clip ids collide after making them tar-safe: {sorted(set(duplicated))[:5]}")

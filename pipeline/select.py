@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from pipeline.writer import atomic_write_bytes, merge_index, read_stats, write_shard, writer_row
 
@@ -33,6 +34,18 @@ log = logging.getLogger(__name__)
 SCORE_COLUMNS = {"robust": "gaze_robust_spread_deg", "authors": "gaze_authors"}
 DEFAULT_TOP = 0.05  # the paper's stage 2: the top 5 % of clips by gaze movement
 SUBSET_DIR = "gaze"
+SPLIT = "train"
+STAGE2_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "stage2.yaml"
+
+
+def stage2_span(overlays: list[Path] | None = None) -> int:
+    """Frames a stage-2 sample spans, (num_frames - 1) * stride + 1, from configs/train/stage2.yaml and
+    any overlays (later wins), so the subset only holds segments stage 2 can sample."""
+    data: dict[str, Any] = {}
+    for path in [STAGE2_CONFIG, *(overlays or [])]:
+        section = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
+        data.update(section)
+    return (int(data.get("num_frames", 16)) - 1) * int(data.get("stride", 12)) + 1
 
 
 @dataclass
@@ -42,9 +55,13 @@ class Selection:
     rule: str  # "top" (a fraction of the scored samples) or "threshold" (score > value)
     value: float
     threshold: float  # the score a sample needs (top: the lowest selected score)
-    samples_scored: int
+    samples_scored: int  # eligible train samples with a score: what the rule ranks
     samples_total: int
     selected: int
+    split: str  # only this split's samples are ranked (stage 2 trains on train)
+    min_frames: int  # the frames a stage-2 sample spans: shorter segments are not eligible
+    samples_other_splits: int
+    samples_too_short: int  # train samples shorter than min_frames
     frames_selected: int
     source_fingerprint: str  # the main shards the subset was copied from
     keys: list[str]
@@ -99,9 +116,14 @@ def _copied_rows(out: Path, index: pd.DataFrame, keys: set[str]):
 
 
 def run_select(
-    out: Path, top: float | None = None, threshold: float | None = None, score: str = "robust"
+    out: Path,
+    top: float | None = None,
+    threshold: float | None = None,
+    score: str = "robust",
+    min_frames: int | None = None,
 ) -> tuple[Selection, bool]:
-    """Write OUT/gaze for the given rule; returns the selection and whether anything was written."""
+    """Write OUT/gaze for the given rule over the eligible train samples (min_frames: default
+    stage2_span()); returns the selection and whether anything was written."""
     if top is not None and threshold is not None:
         raise ValueError("give --top or --threshold, not both")
     if score not in SCORE_COLUMNS:
@@ -112,9 +134,13 @@ def run_select(
     if not index_path.is_file():
         raise FileNotFoundError(f"no {index_path}: build the shards first")
     index = pd.read_parquet(index_path)
+    min_frames = stage2_span() if min_frames is None else int(min_frames)
+    in_split = index["split"] == SPLIT if "split" in index.columns else pd.Series(True, index=index.index)
+    long_enough = index["num_frames"] >= min_frames if len(index) else in_split
+    eligible = index[in_split & long_enough]
     column = SCORE_COLUMNS[score]
-    keys, cut = select_keys(index, column, top, threshold)
-    scored = int(pd.to_numeric(index[column], errors="coerce").notna().sum()) if column in index else 0
+    keys, cut = select_keys(eligible, column, top, threshold)
+    scored = int(pd.to_numeric(eligible[column], errors="coerce").notna().sum()) if column in index else 0
     selection = Selection(
         score=score,
         column=column,
@@ -124,6 +150,10 @@ def run_select(
         samples_scored=scored,
         samples_total=len(index),
         selected=len(keys),
+        split=SPLIT,
+        min_frames=min_frames,
+        samples_other_splits=int((~in_split).sum()),
+        samples_too_short=int((in_split & ~long_enough).sum()),
         frames_selected=int(index.loc[index["key"].isin(keys), "num_frames"].sum()) if keys else 0,
         source_fingerprint=_fingerprint(out / "shards"),
         keys=keys,
@@ -136,7 +166,10 @@ def run_select(
     if scored and not keys:
         log.warning("no sample scores above %s on %s", cut, column)
     elif not scored:
-        log.warning("no sample has a %s score: the gaze subset is empty", column)
+        log.warning(
+            "no eligible %s sample (>= %d frames: %d of %d are shorter) has a %s score: the gaze subset is empty",
+            SPLIT, min_frames, selection.samples_too_short, int(in_split.sum()), column,
+        )  # fmt: skip
     tmp = out / f".{SUBSET_DIR}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         _write_subset(out, tmp, index, keys, selection)
@@ -144,18 +177,16 @@ def run_select(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(
-        "gaze subset: %d of %d samples (%s %s, threshold %.4g)",
-        len(keys),
-        len(index),
-        column,
-        selection.rule,
-        cut,
-    )
+        "gaze subset: %d of %d eligible %s samples (%s %s, threshold %.4g); not eligible: %d shorter than "
+        "%d frames, %d in other splits",
+        len(keys), len(eligible), SPLIT, column, selection.rule, cut,
+        selection.samples_too_short, min_frames, selection.samples_other_splits,
+    )  # fmt: skip
     return selection, True
 
 
 def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    fields = ("column", "rule", "value", "keys", "source_fingerprint")
+    fields = ("column", "rule", "value", "keys", "source_fingerprint", "split", "min_frames")
     return all(old.get(f) == new.get(f) for f in fields)
 
 

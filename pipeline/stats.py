@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import BUCKETS
+from pipeline.contract import LABEL_KINDS
 from pipeline.select import SCORE_COLUMNS, SUBSET_DIR, read_selection
+from pipeline.splits import SPLITS
 from pipeline.writer import read_stats
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
@@ -121,6 +123,45 @@ def fg_backends(data: ShardSet) -> pd.Series:
     return data.index["fg_backend"].fillna("none").replace("", "none").value_counts().sort_index()
 
 
+def split_counts(data: ShardSet) -> pd.DataFrame:
+    """Rows: train / val / test; columns: samples, clips, identities, frames, shards."""
+    frame = pd.DataFrame(
+        index=list(SPLITS), columns=["samples", "clips", "identities", "frames", "shards"], data=0
+    )
+    index = data.index
+    if len(index):
+        split = index["split"] if "split" in index.columns else pd.Series("train", index=index.index)
+        grouped = index.assign(split=split).groupby("split")
+        frame["samples"] = grouped.size().reindex(SPLITS, fill_value=0)
+        frame["clips"] = grouped.apply(lambda g: len(g.drop_duplicates(["dataset", "clip_id"]))).reindex(
+            SPLITS, fill_value=0
+        )
+        frame["identities"] = grouped.apply(
+            lambda g: len(g.drop_duplicates(["dataset", "identity"]))
+        ).reindex(SPLITS, fill_value=0)
+        frame["frames"] = grouped["num_frames"].sum().reindex(SPLITS, fill_value=0)
+    shards = pd.Series([s.get("split", "train") for s in data.shard_stats], dtype=object).value_counts()
+    frame["shards"] = [int(shards.get(name, 0)) for name in SPLITS]
+    return frame.astype(int)
+
+
+def identities_in_several_splits(data: ShardSet) -> list[str]:
+    """(dataset/identity) found in more than one split: must stay empty."""
+    if not len(data.index) or "split" not in data.index.columns:
+        return []
+    per = data.index.groupby(["dataset", "identity"])["split"].nunique()
+    return [f"{d}/{i}" for (d, i), n in per.items() if n > 1]
+
+
+def label_counts(data: ShardSet, kind: str) -> pd.Series:
+    """Clips per attribute name of one label kind (appearance / action / emotion), most frequent first."""
+    if kind not in data.index.columns or not len(data.index):
+        return pd.Series(dtype=int)
+    clips = data.index.drop_duplicates(["dataset", "clip_id"])[kind].fillna("")
+    names = clips[clips != ""].str.split(",").explode()
+    return names.value_counts()
+
+
 def report(data: ShardSet) -> str:
     """The statistics as text: what `python -m pipeline stats` prints."""
     lines = [f"shard set {data.out}: {len(data.index)} samples"]
@@ -131,6 +172,20 @@ def report(data: ShardSet) -> str:
             f"  {bucket:<10} {int(row['clips']):>7} {100 * row['clip_share']:5.1f}% {int(row['frames']):>7}"
             f" {100 * row['frame_share']:5.1f}% {100 * row['target']:5.1f}%"
         )
+    splits = split_counts(data)
+    lines.append("splits       samples  clips  identities  frames  shards")
+    for split, row in splits.iterrows():
+        lines.append(
+            f"  {split:<10} {row['samples']:>7} {row['clips']:>6} {row['identities']:>11} {row['frames']:>7}"
+            f" {row['shards']:>7}"
+        )
+    shared = identities_in_several_splits(data)
+    if shared:
+        lines.append(f"  WARNING: {len(shared)} identities in several splits: {', '.join(shared[:5])}")
+    for kind in LABEL_KINDS:
+        counts = label_counts(data, kind)
+        if len(counts):
+            lines.append(f"{kind} (clips): " + ", ".join(f"{name} {n}" for name, n in counts.head(8).items()))
     for score in SCORE_COLUMNS:
         quantiles = score_quantiles(data, score)
         if quantiles:
@@ -145,6 +200,11 @@ def report(data: ShardSet) -> str:
             f" {sel['column']} {sel['rule']} {sel['value']:g}, threshold {sel['threshold']:.4g},"
             f" {len(data.subset_stats)} shards"
         )
+        if "min_frames" in sel:
+            lines.append(
+                f"  ranked: {sel['split']} samples of >= {sel['min_frames']} frames; not eligible:"
+                f" {sel['samples_too_short']} shorter, {sel['samples_other_splits']} in other splits"
+            )
     else:
         lines.append("gaze subset: none (run python -m pipeline select)")
     lengths = clip_lengths(data)

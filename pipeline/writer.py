@@ -72,6 +72,8 @@ def sample_meta(row: Row, resolution: int) -> SampleMeta:
         crop_box=_json_field(row, "crop_box", []),
         resolution=resolution,
         bucket=str(row["bucket"]),
+        split=str(row.get("split") or "train"),
+        labels=_json_field(row, "labels", {}),
         swap_source_identity=row.get("swap_source_identity") or None,
         style_prompt=row.get("style_prompt") or None,
         style_seed=None if row.get("style_seed") in (None, "", -1) else int(row["style_seed"]),
@@ -109,7 +111,8 @@ def as_writer_row(row: Row) -> Row:
 def writer_row(row: Row, members: dict[str, bytes], num_frames: int) -> Row:
     """The columns the shard writer reads: identifiers, errors, timings and one bytes column per member."""
     out = {
-        name: row.get(name, "") for name in ("key", "clip_id", "dataset", "bucket", "timings", *ERROR_FIELDS)
+        name: row.get(name, "")
+        for name in ("key", "clip_id", "dataset", "bucket", "split", "timings", *ERROR_FIELDS)
     }
     out["num_frames"] = num_frames
     for member in contract.ALL_MEMBERS:
@@ -131,6 +134,7 @@ def _index_row(meta: SampleMeta, shard: str, sizes: dict[str, int]) -> dict[str,
         "dataset": meta.dataset,
         "identity": meta.identity,
         "bucket": meta.bucket,
+        "split": meta.split,
         "num_frames": meta.num_frames,
         "fps": meta.fps,
         "segment": meta.segment,
@@ -148,6 +152,7 @@ def _index_row(meta: SampleMeta, shard: str, sizes: dict[str, int]) -> dict[str,
         "extra": json.dumps(meta.extra, sort_keys=True),
         "pipeline_version": meta.pipeline_version,
     }
+    row.update({kind: ",".join(meta.labels.get(kind, [])) for kind in contract.LABEL_KINDS})
     row.update({f"gaze_{name}": float(value) for name, value in meta.gaze_scores.items()})
     row.update({f"size_{member.replace('.', '_')}": size for member, size in sizes.items()})
     return row
@@ -168,8 +173,13 @@ def run_is_current(fence: tuple[str, str] | None) -> bool:
         return False
 
 
+def split_of(row: Row) -> str:
+    return str(row.get("split") or "train")
+
+
 def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None = None) -> str | None:
-    """Commit the healthy rows as one shard; returns its name, or None when no row is healthy.
+    """Commit the healthy rows (all of one split) as one shard; returns its name, or None when no row
+    is healthy.
 
     `fence` guards against a worker orphaned by a killed build committing after a rerun has read
     the committed set: the stats marker is written only while the fence's run id is current.
@@ -177,6 +187,9 @@ def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None
     good = [row for row in rows if not is_failed(row)]
     if not good:
         return None
+    splits = {split_of(row) for row in good}
+    if len(splits) > 1:
+        raise ValueError(f"a shard holds one split; these rows are {sorted(splits)}")
     started = time.perf_counter()
     name = shard_name(str(row["key"]) for row in good)
     final = shards_dir / f"{name}.tar"
@@ -204,6 +217,7 @@ def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None
         "shard": f"{name}.tar",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pipeline_version": contract.PIPELINE_VERSION,
+        contract.SPLIT_FIELD: splits.pop(),
         "samples": len(good),
         "keys": sorted(str(row["key"]) for row in good),
         "frames": sum(int(row["num_frames"]) for row in good),
@@ -224,16 +238,21 @@ def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None
 def write_shard_batch(
     batch: dict[str, np.ndarray], shards_dir: str, fence: tuple[str, str] | None = None
 ) -> dict[str, np.ndarray]:
-    """Ray Data step: one batch becomes one shard; returns one status row per input row."""
+    """Ray Data step: one batch becomes one shard per split it holds (the manifest keeps splits
+    together, so usually one); returns one status row per input row."""
     rows = batch_to_rows(batch)
-    shard = write_shard(rows, Path(shards_dir), fence) or ""
+    shard_of_split = {}
+    for split in sorted({split_of(row) for row in rows}):
+        group = [row for row in rows if split_of(row) == split]
+        shard_of_split[split] = write_shard(group, Path(shards_dir), fence) or ""
     failed = [is_failed(row) for row in rows]
+    shards = [shard_of_split[split_of(row)] for row in rows]
     return {
         "key": np.array([str(row["key"]) for row in rows]),
         "clip_id": np.array([str(row["clip_id"]) for row in rows]),
         "dataset": np.array([str(row["dataset"]) for row in rows]),
         "status": np.array(["failed" if f else "written" for f in failed]),
-        "shard": np.array(["" if f else shard for f in failed]),
+        "shard": np.array(["" if f else shard for f, shard in zip(failed, shards, strict=True)]),
         "num_frames": np.array([int(row["num_frames"]) for row in rows], np.int64),
         **{name: np.array([str(row[name]) for row in rows]) for name in ERROR_FIELDS},
     }

@@ -12,7 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
-from lookalike import REPO, make_celebvhq, make_vfhq_clip
+from lookalike import (
+    REPO,
+    STANDARD_BBOX,
+    info_entry,
+    make_celebvhq,
+    make_raw_video,
+    make_vfhq_clip,
+    write_info,
+)
 from ray_helpers import RAY, kill_tree, loopback_head
 
 from pipeline import contract
@@ -65,6 +73,7 @@ def assert_contract(out: Path) -> list[dict]:
     assert sorted(keys) == sorted(index["key"]) == sorted(k for s in stats for k in s["keys"])
     assert sum(s["samples"] for s in stats) == len(samples)
     by_key = index.set_index("key")
+    split_of_shard = {st["shard"][: -len(".tar")]: st["split"] for st in stats}
     for sample in samples:
         meta = contract.SampleMeta.from_json_bytes(sample["json"])
         assert contract.required_members(meta) <= set(sample), meta.key
@@ -78,7 +87,9 @@ def assert_contract(out: Path) -> list[dict]:
             meta.bucket,
         )
         assert row["size_real_mp4"] == len(sample["real.mp4"])
+        assert row["split"] == meta.split == split_of_shard[sample["shard"]]  # shards are split-pure
     assert set(keys) <= set(manifest["key"])
+    assert (index.groupby(["dataset", "identity"])["split"].nunique() == 1).all()  # no identity in two
     assert leftovers(out) == []
     return samples
 
@@ -162,39 +173,53 @@ def test_a_killed_build_resumes_without_duplicates(tmp_path: Path) -> None:
     assert f"already built {len(committed)}" in resumed.stderr
 
 
-def test_bad_clips_are_recorded_and_the_rest_is_built_with_make_shards(tmp_path: Path) -> None:
-    """VFHQ-format folder through `make shards DATASET=vfhq ROOT=... OUT=...`, with a truncated meta
-    file and a clip whose frames break mid-way (a decode failure)."""
+def make_shards(dataset: str, root: Path, out: Path, overrides: str) -> subprocess.CompletedProcess:
+    """`make shards DATASET=... ROOT=... OUT=...` with this venv (no setup step)."""
+    command = ["make", "-o", "setup", "shards", f"DATASET={dataset}", f"ROOT={root}", f"OUT={out}"]
+    command += [f"BIN={Path(PYTHON).parent}", f"ARGS={overrides} --no-progress"]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+
+
+def clip_frames(index: pd.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in index.groupby("clip_id")["num_frames"].sum().items()}
+
+
+def test_make_shards_on_the_official_vfhq_layout(tmp_path: Path) -> None:
+    """VFHQ as its extraction script leaves it (meta_info/VFHQ-Train|Test, <ytid>/<clip>/00000001.png,
+    cropped; a multi-clip zip; both row conventions), plus a truncated meta file and a clip whose frames
+    break mid-way (a decode failure): `make shards DATASET=vfhq ROOT=...` with nothing else."""
     root, out = tmp_path / "vfhq", tmp_path / "out"
-    good = [make_vfhq_clip(root, f"yt{i}", i, 20, identity=i, as_zip=i == 2) for i in range(3)]
+    good = {
+        make_vfhq_clip(root, "_-a1_b", 0, 20, identity=0): 20,
+        make_vfhq_clip(root, "yt-2", 1, 17, identity=1, rows_from_start=False): 17,
+        make_vfhq_clip(root, "z_3", 2, 18, identity=2, layout="group:1"): 18,
+        make_vfhq_clip(root, "held-out", 3, 16, identity=3, split_folder="VFHQ-Test"): 16,
+    }
     truncated = make_vfhq_clip(root, "cut", 7, 20)
-    meta = root / "meta_info" / f"{truncated}.txt"
+    meta = root / "meta_info" / "VFHQ-Train" / f"{truncated}.txt"
     meta.write_text(meta.read_text()[: len(meta.read_text()) // 2])
     broken = make_vfhq_clip(root, "broken", 8, 20)
-    (root / "frames" / broken / "00000010.png").write_bytes(b"\x89PNG garbage")
-
-    bin_dir = Path(PYTHON).parent
-    # No annotators: this test is about bad input (real datasets default to the full-profile stages).
-    overrides = "resolution=64 samples_per_shard=2 min_frames=8 max_failure_fraction=0.5 stages=[]"
-    command = [
-        "make",
-        "-o",
-        "setup",
-        "shards",
-        "DATASET=vfhq",
-        f"ROOT={root}",
-        f"OUT={out}",
-        f"BIN={bin_dir}",
-    ]
-    result = subprocess.run(
-        [*command, f"ARGS={overrides} --no-progress"], cwd=REPO, capture_output=True, text=True
+    (root / "extracted_cropped_face_results" / "broken" / broken / "00000010.png").write_bytes(
+        b"\x89PNG garbage"
     )
+    # No annotators: this test is about reading the dataset (real datasets default to the full-profile stages).
+    overrides = (
+        "resolution=64 samples_per_shard=2 min_frames=8 max_frames=12 max_failure_fraction=0.5 stages=[]"
+    )
+    result = make_shards("vfhq", root, out, overrides)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    samples = assert_contract(out)
-    assert sorted({json.loads(s["json"])["clip_id"] for s in samples}) == sorted(good)
+    assert_contract(out)
+    index = pd.read_parquet(out / "index.parquet")
+    built = clip_frames(index)
+    assert built.pop(broken, 0) < 20  # the broken frame's segment failed; the clip's other one is kept
+    assert built == good  # every good clip whole: end - start - 1 frames
+    splits = dict(zip(index["clip_id"], index["split"], strict=True))
+    assert splits[next(n for n in good if "held-out" in n)] == "test"
+    assert {splits[n] for n in good if "held-out" not in n} <= {"train", "val"}
     failures = pd.read_parquet(out / "failures.parquet").set_index("clip_id")
-    assert (
-        failures.loc[truncated, "stage"] == "source" and failures.loc[truncated, "error"] == "malformed_meta"
+    assert (failures.loc[truncated, "stage"], failures.loc[truncated, "error"]) == (
+        "source",
+        "malformed_meta",
     )
     assert (
         failures.loc[broken, "stage"] == "decode"
@@ -203,10 +228,41 @@ def test_bad_clips_are_recorded_and_the_rest_is_built_with_make_shards(tmp_path:
     assert failures.loc[broken, "key"] != ""
 
 
+def test_make_shards_on_a_raw_celebvhq_download(tmp_path: Path) -> None:
+    """The official download_and_process.py's default output: celebvhq_info.json and raw/<ytb_id>.mp4,
+    two clips per source video; one entry with a negative end_sec, one whose video never downloaded."""
+    root, out = tmp_path / "celebvhq", tmp_path / "out"
+    for n, ytb_id in enumerate(["a_b-1", "-c_2"]):
+        make_raw_video(root, ytb_id, 90, identity=n)
+    entries = {
+        "a_b-1_0": info_entry("a_b-1", 0.2, 1.2, STANDARD_BBOX, emotion="happy"),
+        "a_b-1_1": info_entry("a_b-1", 2.0, 3.4, STANDARD_BBOX, emotion="sadness"),
+        "-c_2_0": info_entry("-c_2", 0.0, 0.96, STANDARD_BBOX, emotion="neutral"),
+        "-c_2_1": info_entry("-c_2", 1.5, -1.0, STANDARD_BBOX),
+        "gone_0": info_entry("gone", 0.0, 1.0, STANDARD_BBOX),
+    }
+    write_info(root, entries)
+    overrides = (
+        "resolution=64 samples_per_shard=2 min_frames=8 max_frames=16 max_failure_fraction=0.5 stages=[]"
+    )
+    result = make_shards("celebvhq", root, out, overrides)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert_contract(out)
+    index = pd.read_parquet(out / "index.parquet")
+    assert clip_frames(index) == {"a_b-1_0": 25, "a_b-1_1": 35, "-c_2_0": 24}  # (end - start) x 25 fps
+    assert set(index.loc[index["clip_id"] == "a_b-1_1", "emotion"]) == {"sadness"}
+    assert index.groupby("identity")["split"].nunique().max() == 1
+    failures = pd.read_parquet(out / "failures.parquet").set_index("clip_id")
+    assert (
+        failures.loc["-c_2_1", "error"] == "malformed_meta"
+        and failures.loc["gone_0", "error"] == "missing_video"
+    )
+
+
 def test_corrupt_video_is_recorded_and_failure_threshold_sets_the_exit_code(tmp_path: Path) -> None:
     root, out = tmp_path / "celebvhq", tmp_path / "out"
     make_celebvhq(root, {"aa_0": ("aa", 0, 16), "bb_1": ("bb", 1, 16), "cc_2": ("cc", 2, 16)})
-    (root / "videos" / "cc_2.mp4").write_bytes(np.random.default_rng(1).bytes(4096))
+    (root / "processed" / "cc_2.mp4").write_bytes(np.random.default_rng(1).bytes(4096))
     args = ["--dataset", "celebvhq", "--root", str(root), "--out", str(out), "resolution=64", "min_frames=8"]
     args.append("stages=[]")
     result = build(*args, "max_failure_fraction=0.2")
@@ -215,6 +271,22 @@ def test_corrupt_video_is_recorded_and_failure_threshold_sets_the_exit_code(tmp_
     assert sorted(json.loads(s["json"])["clip_id"] for s in samples) == ["aa_0", "bb_1"]
     failures = pd.read_parquet(out / "failures.parquet")
     assert list(failures["clip_id"]) == ["cc_2"] and failures["error"][0] == "unreadable_video"
+
+
+def test_a_build_that_finds_no_usable_clip_fails_and_says_why(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = build("--dataset", "vfhq", "--root", str(empty), "--out", str(tmp_path / "out1"), "stages=[]")
+    assert result.returncode == 2 and "no VFHQ meta files" in result.stderr and str(empty) in result.stderr
+    root = tmp_path / "celebvhq"  # every clip fails at the source: non-zero, failures recorded
+    write_info(
+        root,
+        {"x_0": info_entry("x", 0.0, 1.0, STANDARD_BBOX), "y_0": info_entry("y", 0.0, 1.0, STANDARD_BBOX)},
+    )
+    (root / "raw").mkdir()
+    result = build("--dataset", "celebvhq", "--root", str(root), "--out", str(tmp_path / "out2"), "stages=[]")
+    assert result.returncode == 2 and "all 2 clips failed at the source (missing_video 2" in result.stderr
+    assert len(pd.read_parquet(tmp_path / "out2" / "failures.parquet")) == 2
 
 
 def test_missing_root_is_one_clear_error(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def test_notebook_is_committed_without_outputs() -> None:
 @pytest.mark.slow
 def test_notebook_runs_on_a_small_build(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     out = small_gaze_build(tmp_path_factory, tmp_path / "out")
-    assert cli("select", "--out", str(out)).returncode == 0
+    assert cli("select", "--out", str(out), "--min-frames", "8").returncode == 0
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     notebook.cells[1].source = f"OUT = {str(out)!r}"
     NotebookClient(

@@ -21,7 +21,7 @@ def test_numbers_of_a_fake_shard_set(tmp_path: Path) -> None:
     write_failures(
         tmp_path, [{"clip_id": "z", "dataset": "demo", "key": "", "stage": "decode", "error": "bad"}]
     )
-    run_select(tmp_path, top=0.2)
+    run_select(tmp_path, top=0.2, min_frames=1)
     data = stats.load(tmp_path)
     shares = stats.bucket_shares(data)
     assert shares.loc["real", "clips"] == 10 and shares.loc["real", "frames"] == sum(range(10, 20))
@@ -46,7 +46,7 @@ def test_stats_of_a_missing_build_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_stats_cli_on_a_real_build(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     out = small_gaze_build(tmp_path_factory, tmp_path / "out")
-    assert cli("select", "--out", str(out)).returncode == 0
+    assert cli("select", "--out", str(out), "--min-frames", "8").returncode == 0
     done = cli("stats", str(out))
     assert done.returncode == 0, done.stderr
     index = pd.read_parquet(out / "index.parquet")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.video import (
+    EncodeSettings,
     centre_square_box,
     crop_and_resize,
     encode_mp4,
@@ -89,8 +90,18 @@ def test_frame_folder_and_zip_read_the_same(tmp_path: Path) -> None:
             png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
             (folder / f"{t:08d}.png").write_bytes(png)
             archive.writestr(f"clip/{t:08d}.png", png)
+            archive.writestr(f"other/{t:08d}.png", png[:-1])  # a second clip in the same zip
     assert np.array_equal(read_image_frames(folder), frames)  # PNG is lossless
-    assert np.array_equal(read_image_frames(tmp_path / "clip.zip", 2, 5), frames[2:5])
+    assert np.array_equal(read_image_frames(tmp_path / "clip.zip", 2, 5, prefix="clip/"), frames[2:5])
+
+
+def test_video_range_read_seeks_and_transforms(tmp_path: Path) -> None:
+    frames = smooth_frames(60)
+    data = encode_mp4(frames, 25.0, EncodeSettings(gop=8))
+    full = read_video_frames(data)
+    part = read_video_frames(data, 37, 45, transform=lambda f: f[:10, :12])
+    assert part.shape == (8, 10, 12, 3)
+    assert np.array_equal(part, full[37:45, :10, :12])
 
 
 def test_unreadable_frame_is_an_error(tmp_path: Path) -> None:

@@ -148,3 +148,29 @@ def test_an_orphaned_writer_cannot_commit_after_a_newer_run_took_over(tmp_path: 
         write_shard([encoded(decoded_row("a"))], tmp_path, fence=(str(lock), "old-run"))
     assert [p.name for p in tmp_path.iterdir()] == [".build.lock"]  # nothing committed, nothing left
     assert write_shard([encoded(decoded_row("a"))], tmp_path, fence=(str(lock), "new-run"))
+
+
+def test_a_batch_of_several_splits_becomes_one_shard_per_split(tmp_path: Path) -> None:
+    from pipeline.writer import read_stats, write_shard_batch
+
+    rows = [
+        encoded(dict(decoded_row(f"k{i}"), split=split, labels='{"emotion": ["happy"]}'))
+        for i, split in enumerate(["train", "val", "train", "test", "val"])
+    ]
+    status = write_shard_batch(rows_to_batch(rows), str(tmp_path))
+    stats = {s["split"]: s for s in read_stats(tmp_path)}
+    assert sorted(stats) == ["test", "train", "val"]
+    assert stats["train"]["keys"] == ["k0", "k2"] and stats["val"]["keys"] == ["k1", "k4"]
+    shard_of = dict(zip(status["key"], status["shard"], strict=True))
+    assert shard_of["k0"] == shard_of["k2"] != shard_of["k1"]
+    index = merge_index(tmp_path, tmp_path)
+    assert dict(zip(index["key"], index["split"], strict=True)) == {
+        "k0": "train",
+        "k1": "val",
+        "k2": "train",
+        "k3": "test",
+        "k4": "val",
+    }
+    assert set(index["emotion"]) == {"happy"}
+    with pytest.raises(ValueError, match="one split"):
+        write_shard(rows[:2], tmp_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class SourceError(RuntimeError):
@@ -18,11 +18,16 @@ class ClipRecord:
     source_kind: str  # "video" | "frames" | "zip"
     fps: float
     num_frames: int
-    width: int  # the frame size the face boxes refer to
+    width: int  # the size of the source's frames (what face_boxes and crop_box refer to)
     height: int
-    # Per-frame face boxes (x0, y0, x1, y1) in source pixels; None when the clip is already a face
-    # crop (processed CelebV-HQ), in which case the whole frame is used.
+    # Per-frame face boxes (x0, y0, x1, y1) in the source's frame pixels; None when the dataset gives
+    # none (processed CelebV-HQ: the clip is already the face crop, so the centre square is used).
     face_boxes: list[list[float]] | None = None
+    frame_offset: int = 0  # the clip's first frame within the source (video frame or sorted image)
+    member_prefix: str = ""  # zips holding several clips: the folder of this clip's frames in the zip
+    crop_box: list[int] | None = None  # a fixed crop (x0, y0, x1, y1) the dataset defines (raw CelebV-HQ)
+    split_hint: str | None = None  # the dataset's own split of this clip (VFHQ-Train / VFHQ-Test)
+    labels: dict[str, list[str]] | None = None  # attribute name lists (CelebV-HQ appearance, action, emotion)
 
 
 @dataclass
@@ -38,7 +43,10 @@ class ClipFailure:
 class ScanResult:
     records: list[ClipRecord]
     failures: list[ClipFailure]
+    # What the reader looked for and found, for the error when no clip is usable.
+    searched: list[str] = field(default_factory=list)
 
     def extend(self, other: ScanResult) -> None:
         self.records.extend(other.records)
         self.failures.extend(other.failures)
+        self.searched.extend(other.searched)

@@ -1,4 +1,5 @@
-"""The demo dataset: VFHQ- and CelebV-HQ-format look-alikes generated at run time from one real face.
+"""The demo dataset: VFHQ and CelebV-HQ look-alikes, in their official on-disk layouts, generated at run
+time from one real face.
 
 `skimage.data.astronaut()` is the only face that ships with our dependencies. Identities differ by
 mirroring, hue, skin tone and face shape; clips add head motion (rotation, translation, scale) and
@@ -22,7 +23,7 @@ import skimage.data
 
 from pipeline.config import CelebvhqConfig, DemoConfig, VfhqConfig
 from pipeline.sources.base import ScanResult
-from pipeline.sources.celebvhq import scan_celebvhq
+from pipeline.sources.celebvhq import official_crop, scan_celebvhq
 from pipeline.sources.vfhq import scan_vfhq
 from pipeline.video import encode_mp4
 
@@ -34,7 +35,6 @@ MARKER = "demo.json"
 LANDMARKS = np.array([[204, 100], [249, 100], [228, 124], [212, 146], [246, 146]], np.float64)
 FACE_BOX = np.array([175, 60, 282, 180], np.float64)
 VFHQ_CANVAS = (384, 288)  # w, h: a full frame with the face off-centre
-CELEB_CANVAS = (256, 256)  # a processed CelebV-HQ clip is already a face crop
 
 
 @dataclasses.dataclass
@@ -116,69 +116,210 @@ def render_clip(
     return frames, boxes, points
 
 
+APPEARANCE = [
+    "blurry",
+    "male",
+    "young",
+    "chubby",
+    "pale_skin",
+    "rosy_cheeks",
+    "oval_face",
+    "receding_hairline",
+    "bald",
+    "bangs",
+    "black_hair",
+    "blonde_hair",
+    "gray_hair",
+    "brown_hair",
+    "straight_hair",
+    "wavy_hair",
+    "long_hair",
+    "arched_eyebrows",
+    "bushy_eyebrows",
+    "bags_under_eyes",
+    "eyeglasses",
+    "sunglasses",
+    "narrow_eyes",
+    "big_nose",
+    "pointy_nose",
+    "high_cheekbones",
+    "big_lips",
+    "double_chin",
+    "no_beard",
+    "5_o_clock_shadow",
+    "goatee",
+    "mustache",
+    "sideburns",
+    "heavy_makeup",
+    "wearing_earrings",
+    "wearing_hat",
+    "wearing_lipstick",
+    "wearing_necklace",
+    "wearing_necktie",
+    "wearing_mask",
+]
+ACTION = [
+    "blow",
+    "chew",
+    "close_eyes",
+    "cough",
+    "cry",
+    "drink",
+    "eat",
+    "frown",
+    "gaze",
+    "glare",
+    "head_wagging",
+    "kiss",
+    "laugh",
+    "listen_to_music",
+    "look_around",
+    "make_a_face",
+    "nod",
+    "play_instrument",
+    "read",
+    "shake_head",
+    "shout",
+    "sigh",
+    "sing",
+    "sleep",
+    "smile",
+    "smoke",
+    "sneer",
+    "sneeze",
+    "sniff",
+    "talk",
+    "turn",
+    "weep",
+    "whisper",
+    "wink",
+    "yawn",
+]
+EMOTIONS = ("neutral", "happy", "anger", "sadness", "contempt", "fear", "disgust", "surprise")
+LAYOUT_VERSION = 2  # the official layouts (meta_info/VFHQ-*, <ytid>/<clip>/, raw/ + processed/)
+CELEB_RAW_CANVAS = (320, 240)  # a whole source video: the face is a part of the frame
+
+
+def _png(frame: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
 def write_vfhq_clip(
     root: Path,
-    config: VfhqConfig,
     name: str,
     frames: np.ndarray,
     boxes: np.ndarray,
     points: np.ndarray,
-    as_zip: bool,
+    split_folder: str,
+    rows_from_start: bool,
+    group_zip: Path | None,
 ) -> None:
-    """Write one clip in VFHQ's format: meta txt (header, rows, CROP) and PNG frames (folder or zip)."""
+    """One clip as VFHQ ships and extracts it. `frames` are the source frames start..end-1 of
+    `Clip+...+F<start>-<end>`. Meta: meta_info/<split_folder>/<name>.txt, rows keyed by absolute index
+    (from start, or from start+1), CROP last. Frames: the official extraction (start+1..end-1 as
+    00000001.png..., cropped to CROP) under extracted_cropped_face_results/<ytid>/<name>/, or full frames
+    as <name>/<frame> entries of a multi-clip zip."""
     start = int(name.rsplit("+F", 1)[1].split("-")[0])
+    ytid = name.split("+")[1]
     height, width = frames.shape[1:3]
-    lines = [f"Video: {name.split('+')[1]}", f"H: {height}", f"W: {width}", f"FPS: {FPS:g}"]
-    lines.append("FRAME INDEX PERSON ID BBOX (x0 y0 w h) FACIAL LANDMARKS (x1 y1 ... x5 y5)")
-    for t, ((x0, y0, x1, y1), lms) in enumerate(zip(boxes, points, strict=True)):
-        marks = " ".join(f"{v:.2f}" for v in lms.reshape(-1))
-        lines.append(f"{start + t} 0 {x0:.1f} {y0:.1f} {x1 - x0:.1f} {y1 - y0:.1f} {marks}")
-    cx0, cy0 = boxes[:, :2].min(0)
-    cx1, cy1 = boxes[:, 2:].max(0)
-    lines.append(f"CROP {cx0:.0f} {cy0:.0f} {cx1:.0f} {cy1:.0f}")
-    (root / config.meta_dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    pngs = [cv2.imencode(".png", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))[1].tobytes() for f in frames]
-    frames_root = root / config.frames_dir
-    if as_zip:
-        with zipfile.ZipFile(frames_root / f"{name}.zip", "w", zipfile.ZIP_STORED) as archive:
-            for t, data in enumerate(pngs):
-                archive.writestr(f"{name}/{t:08d}.png", data)
+    x0, y0 = np.floor(boxes[:, :2].min(0) - 8).clip(0).astype(int)
+    x1, y1 = np.ceil(boxes[:, 2:].max(0) + 8).astype(int)
+    crop = (int(x0), int(y0), int(min(x1, width)), int(min(y1, height)))
+    lines = [f"Video: {ytid}", f"H: {height}", f"W: {width}", f"FPS: {FPS:g}", ""]
+    lines += ["FRAME INDEX PERSON ID BBOX (x0 y0 w h) FACIAL LANDMARKS (x1 y1 ... x5 y5)", ""]
+    first_row = 0 if rows_from_start else 1
+    for t in range(first_row, len(frames)):
+        bx0, by0, bx1, by1 = boxes[t]
+        marks = " ".join(f"{v:.2f}" for v in points[t].reshape(-1))
+        lines.append(f"{start + t} 0 {bx0:.1f} {by0:.1f} {bx1 - bx0:.1f} {by1 - by0:.1f} {marks}")
+    lines.append(f"CROP: {crop[0]} {crop[1]} {crop[2]} {crop[3]}")
+    meta_dir = root / "meta_info" / split_folder
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    (meta_dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    extracted = frames[1:]  # start+1 .. end-1, numbered from 1
+    if group_zip is not None:
+        with zipfile.ZipFile(group_zip, "a", zipfile.ZIP_STORED) as archive:
+            for k, frame in enumerate(extracted, 1):
+                archive.writestr(f"{name}/{k:08d}.png", _png(frame))
+        return
+    folder = root / "extracted_cropped_face_results" / ytid / name
+    folder.mkdir(parents=True)
+    cx0, cy0, cx1, cy1 = crop
+    for k, frame in enumerate(extracted, 1):
+        (folder / f"{k:08d}.png").write_bytes(_png(frame[cy0:cy1, cx0:cx1]))
+
+
+def _bbox_fractions(boxes: np.ndarray, width: int, height: int) -> dict[str, float]:
+    x0, y0 = boxes[:, :2].min(0)
+    x1, y1 = boxes[:, 2:].max(0)
+    return {
+        "top": round(max(y0 / height, 0.0), 4),
+        "bottom": round(min(y1 / height, 1.0), 4),
+        "left": round(max(x0 / width, 0.0), 4),
+        "right": round(min(x1 / width, 1.0), 4),
+    }
+
+
+def _info_entry(ytb_id: str, first: int, stop: int, bbox: dict[str, float], index: int) -> dict:
+    appearance = [1 if (i + index) % 7 == 0 else 0 for i in range(len(APPEARANCE))]
+    action = [1 if i in (index % 5, 29) else 0 for i in range(len(ACTION))]  # 29: talk
+    if index % 3 == 2:  # an emotion that changes within the clip
+        middle = (first + stop) / 2 / FPS
+        labels: object = [
+            {"emotion": EMOTIONS[index % 8], "start_sec": first / FPS, "end_sec": middle},
+            {"emotion": "happy", "start_sec": middle, "end_sec": stop / FPS},
+        ]
+        emotion = {"sep_flag": True, "labels": labels}
     else:
-        folder = frames_root / name
-        folder.mkdir()
-        for t, data in enumerate(pngs):
-            (folder / f"{t:08d}.png").write_bytes(data)
+        emotion = {"sep_flag": False, "labels": EMOTIONS[index % 8]}
+    return {
+        "ytb_id": ytb_id,
+        "duration": {"start_sec": first / FPS, "end_sec": stop / FPS},
+        "bbox": bbox,
+        "attributes": {"appearance": appearance, "action": action, "emotion": emotion},
+        "version": "v0.1",
+    }
 
 
-def write_celebvhq_dataset(
-    root: Path, config: CelebvhqConfig, clips: dict[str, tuple[str, np.ndarray]]
-) -> None:
-    """Write clips {clip_id: (ytb_id, frames)} in CelebV-HQ's format: info json and processed mp4s."""
-    (root / config.videos_dir).mkdir(parents=True, exist_ok=True)
-    entries: dict[str, dict] = {}
-    for c, (clip_id, (ytb_id, frames)) in enumerate(sorted(clips.items())):
-        (root / config.videos_dir / f"{clip_id}.mp4").write_bytes(encode_mp4(frames, FPS))
-        entries[clip_id] = {
-            "ytb_id": ytb_id,
-            "duration": {"start_sec": 2.0 * c, "end_sec": 2.0 * c + len(frames) / FPS},
-            "bbox": {"top": 0.1, "bottom": 0.6, "left": 0.3, "right": 0.7},
-            "attributes": {"appearance": [], "action": [], "emotion": {}},
-            "version": "v0.1",
-        }
-    meta_info = {"appearance_mapping": [], "action_mapping": [], "emotion_mapping": []}
-    (root / config.info_file).write_text(json.dumps({"meta_info": meta_info, "clips": entries}, indent=1))
+def write_celebvhq_video(
+    root: Path,
+    ytb_id: str,
+    clip_ids: list[str],
+    frames: np.ndarray,
+    boxes: np.ndarray,
+    spans: list[tuple[int, int]],
+) -> dict[str, dict]:
+    """A whole source video raw/<ytb_id>.mp4 holding the clips at frame spans [first, stop); returns
+    their info entries. The first clip of a video is also processed as the official script would
+    (processed/<clip_id>.mp4): a user may have both."""
+    (root / "raw").mkdir(parents=True, exist_ok=True)
+    (root / "raw" / f"{ytb_id}.mp4").write_bytes(encode_mp4(frames, FPS))
+    height, width = frames.shape[1:3]
+    entries = {}
+    for n, (clip_id, (first, stop)) in enumerate(zip(clip_ids, spans, strict=True)):
+        bbox = _bbox_fractions(boxes[first:stop], width, height)
+        entries[clip_id] = _info_entry(ytb_id, first, stop, bbox, int(clip_id.rsplit("_", 1)[1]))
+        if n == 0:
+            x0, y0, x1, y1 = official_crop(
+                (bbox["top"], bbox["bottom"], bbox["left"], bbox["right"]), width, height
+            )
+            cut = np.ascontiguousarray(frames[first:stop, y0:y1, x0:x1])
+            (root / "processed").mkdir(exist_ok=True)
+            (root / "processed" / f"{clip_id}.mp4").write_bytes(encode_mp4(cut, FPS))
+    return entries
 
 
 def generate_demo(root: Path, config: DemoConfig) -> None:
-    """Write the demo dataset under root/vfhq and root/celebvhq (in a temp folder, then renamed)."""
+    """Write the demo dataset under root/vfhq and root/celebvhq (in a temp folder, then renamed), in the
+    layouts the datasets' official scripts leave on disk."""
     if root.exists():
         if not (root / MARKER).is_file():
             raise FileExistsError(f"{root} exists and is not a demo dataset; pick another ROOT")
         shutil.rmtree(root)
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
-    vfhq_cfg, celeb_cfg = VfhqConfig(), CelebvhqConfig()
-    (tmp / "vfhq" / vfhq_cfg.meta_dir).mkdir(parents=True)
-    (tmp / "vfhq" / vfhq_cfg.frames_dir).mkdir()
+    vfhq, celeb = tmp / "vfhq", tmp / "celebvhq"
+    (vfhq / "zips").mkdir(parents=True)
+    celeb.mkdir()
     identities = [make_identity(i) for i in range(config.identities)]
     rng = np.random.default_rng(config.seed)
 
@@ -187,28 +328,42 @@ def generate_demo(root: Path, config: DemoConfig) -> None:
 
     for c in range(config.vfhq_clips):
         ident = c % config.identities
-        frames, boxes, points = render_clip(
-            identities[ident], length(), VFHQ_CANVAS, 80, 1.0, config.seed + c
-        )
-        start = 100 * c
-        name = f"Clip+demo{ident:02d}+P0+C{c}+F{start}-{start + len(frames)}"
-        write_vfhq_clip(tmp / "vfhq", vfhq_cfg, name, frames, boxes, points, as_zip=c % 3 == 2)
-    clips: dict[str, tuple[str, np.ndarray]] = {}
-    for c in range(config.celebvhq_clips):
-        ident = c % config.identities
-        seed = config.seed + 1000 + c
-        frames, _, _ = render_clip(identities[ident], length(), CELEB_CANVAS, 120, 0.5, seed)
-        clips[f"demoid{ident:02d}_{c}"] = (f"demoid{ident:02d}", frames)
-    write_celebvhq_dataset(tmp / "celebvhq", celeb_cfg, clips)
-    (tmp / MARKER).write_text(json.dumps(dataclasses.asdict(config), sort_keys=True))
+        num = length() + 1  # the extraction keeps end-start-1 of the source frames
+        frames, boxes, points = render_clip(identities[ident], num, VFHQ_CANVAS, 80, 1.0, config.seed + c)
+        start = 100 * c + 3
+        name = f"Clip+_-dm{ident}_v-{ident}+P0+C{c}+F{start}-{start + num}"
+        split_folder = "VFHQ-Test" if c == config.vfhq_clips - 1 else "VFHQ-Train"
+        group = vfhq / "zips" / "group0.zip" if c % 3 == 2 else None
+        write_vfhq_clip(vfhq, name, frames, boxes, points, split_folder, c % 2 == 0, group)
+    entries: dict[str, dict] = {}
+    for video in range((config.celebvhq_clips + 1) // 2):
+        clip_numbers = [n for n in (2 * video, 2 * video + 1) if n < config.celebvhq_clips]
+        lengths = [length() for _ in clip_numbers]
+        gap = 7
+        spans, cursor = [], gap
+        for count in lengths:
+            spans.append((cursor, cursor + count))
+            cursor += count + gap
+        ident = (video + 3) % config.identities
+        seed = config.seed + 1000 + video
+        frames, boxes, _ = render_clip(identities[ident], cursor, CELEB_RAW_CANVAS, 110, 0.5, seed)
+        ytb_id = f"dm{video}_c-{ident}"
+        clip_ids = [f"{ytb_id}_{n}" for n in clip_numbers]
+        entries.update(write_celebvhq_video(celeb, ytb_id, clip_ids, frames, boxes, spans))
+    info = {"meta_info": {"appearance_mapping": APPEARANCE, "action_mapping": ACTION}, "clips": entries}
+    (celeb / "celebvhq_info.json").write_text(json.dumps(info, indent=1))
+    (tmp / MARKER).write_text(_marker(config))
     tmp.rename(root)
+
+
+def _marker(config: DemoConfig) -> str:
+    return json.dumps({"layout": LAYOUT_VERSION, **dataclasses.asdict(config)}, sort_keys=True)
 
 
 def scan_demo(root: Path, config: DemoConfig) -> ScanResult:
     """Generate the demo dataset if it is missing or was made with other settings, then read both parts."""
     marker = root / MARKER
-    wanted = json.dumps(dataclasses.asdict(config), sort_keys=True)
-    if not marker.is_file() or marker.read_text() != wanted:
+    if not marker.is_file() or marker.read_text() != _marker(config):
         log.info("generating the demo dataset in %s", root)
         generate_demo(root, config)
     result = scan_vfhq(root / "vfhq", VfhqConfig(), dataset="demo-vfhq")
