@@ -19,7 +19,7 @@ DEMO_OUT := out/demo
 TRAIN_OUT ?= out/train-demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup shards shards-job train-demo ray-up ray-down test test-fast lint format bench clean
+.PHONY: help setup shards shards-job train-demo ray-up ray-down notebook report test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,13 @@ train-demo: setup ## tiny stage 1, then stage 2 from it, on the demo shards: ray
 			storage_path=$(abspath $(TRAIN_OUT)) $(ARGS); \
 	done
 	@echo "checkpoints, TensorBoard events and validation videos: $(TRAIN_OUT)/stage1, $(TRAIN_OUT)/stage2"
+
+notebook: setup ## the statistics notebook in JupyterLab on 127.0.0.1 for OUT (installs JupyterLab on first use)
+	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install -c constraints.txt -e '.[notebook]'
+	SHARD_STATS_OUT=$(abspath $(OUT)) $(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir=$(CURDIR) notebooks/shard_stats.ipynb
+
+report: setup ## run the statistics notebook headless for OUT and save it as OUT/shard_stats.html
+	$(BIN)/python -m pipeline report --out $(OUT)
 
 ray-up: setup ## start a local Ray head on loopback for `ray job submit` (its own process group)
 	$(BIN)/python scripts/local_ray.py up --state $(RAY_STATE) --port $(RAY_PORT) --dashboard-port $(RAY_DASHBOARD_PORT)

@@ -6,6 +6,7 @@ python -m pipeline weights tiny DIR                      # write every model wit
 python -m pipeline select --out DIR [--top 0.05 | --threshold 200 --score authors]   # the gaze subset
     [--min-frames N | --train-config configs/train/tiny.yaml]   # eligible span (default: stage 2's)
 python -m pipeline stats DIR                             # the shard set's statistics as text
+python -m pipeline report --out DIR [--html FILE]        # the statistics notebook, run, as HTML
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         "--train-config", action="append", type=Path, default=None,
         help="overlay(s) on configs/train/stage2.yaml whose data.num_frames / data.stride give the span",
     )  # fmt: skip
+    report = commands.add_parser("report", help="run the statistics notebook headless, save it as HTML")
+    report.add_argument("--out", required=True, help="the build's output folder")
+    report.add_argument("--html", type=Path, help="where to write (default: OUT/shard_stats.html)")
     stats = commands.add_parser("stats", help="print a shard set's statistics")
     stats.add_argument("dir", help="the build's output folder")
     return parser
@@ -79,6 +83,13 @@ def _select(args: argparse.Namespace) -> int:
         "gaze subset %s: %d of %d samples, %s threshold %.4g",
         state, selection.selected, selection.samples_total, selection.column, selection.threshold,
     )  # fmt: skip
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import run_report
+
+    log.info("report written: %s", run_report(Path(args.out), args.html))
     return 0
 
 
@@ -123,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as exc:
             log.error("%s", exc)
             return 2
-    if args.command in ("select", "stats"):
+    if args.command in ("select", "stats", "report"):
+        handler = {"select": _select, "stats": _stats, "report": _report}[args.command]
         try:
-            return _select(args) if args.command == "select" else _stats(args)
+            return handler(args)
         except (ValueError, FileNotFoundError) as exc:
             log.error("%s", exc)
             return 2

@@ -25,6 +25,12 @@ Batch = dict[str, np.ndarray]
 ERROR_FIELDS = ("error_stage", "error", "message")
 
 
+def text_field(row: Row, name: str) -> str:
+    """A string field of a row; "" where it is missing or NaN (a manifest made without that column)."""
+    value = row.get(name)
+    return value if isinstance(value, str) else ""
+
+
 def is_failed(row: Row) -> bool:
     return bool(row.get("error_stage"))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.rows import Row
+from pipeline.rows import Row, text_field
 from pipeline.video import (
     centre_square_box,
     crop_and_resize_frame,
@@ -33,9 +33,9 @@ def segment_crop_box(row: Row, crop_scale: float) -> tuple[tuple[int, int, int, 
     dataset's fixed crop (raw CelebV-HQ), else a square around the union of the face boxes, else the
     centre square (a clip that is already a face crop)."""
     width, height = int(row["width"]), int(row["height"])
-    boxes_json = str(row.get("face_boxes") or "")
+    boxes_json = text_field(row, "face_boxes")
     boxes = np.asarray(json.loads(boxes_json), np.float64) if boxes_json else None
-    fixed = str(row.get("fixed_crop") or "")
+    fixed = text_field(row, "fixed_crop")
     if fixed:
         x0, y0, x1, y1 = (int(v) for v in json.loads(fixed))
         return (x0, y0, x1, y1), boxes
@@ -60,7 +60,7 @@ def decode_segment(row: Row, resolution: int, crop_scale: float, threads: int = 
     if row["source_kind"] == "video":
         frames = read_video_frames(source, start, stop, threads, transform=crop)
     else:
-        frames = read_image_frames(source, start, stop, str(row.get("member_prefix") or ""), transform=crop)
+        frames = read_image_frames(source, start, stop, text_field(row, "member_prefix"), transform=crop)
     if boxes is not None:
         x0, y0, x1, _ = box
         scale = resolution / (x1 - x0)

@@ -44,6 +44,7 @@ def assign_splits(records: list[ClipRecord], config: SplitConfig) -> dict[tuple[
     for record in records:
         hints[(record.dataset, record.identity)].add(record.split_hint or "")
     by_identity: dict[tuple[str, str], str] = {}
+    moved: list[str] = []
     for (dataset, identity), marks in hints.items():
         draw = identity_draw(dataset, identity, config.seed)
         if "test" in marks:
@@ -59,4 +60,9 @@ def assign_splits(records: list[ClipRecord], config: SplitConfig) -> dict[tuple[
             by_identity[(dataset, identity)] = "val" if draw < val_share else "train"
         else:
             by_identity[(dataset, identity)] = drawn_split(draw, config)
+    if moved:
+        log.warning(
+            "%d identities have clips in and outside the dataset's test split; all their clips are test: %s",
+            len(moved), ", ".join(moved[:5]) + (" ..." if len(moved) > 5 else ""),
+        )  # fmt: skip
     return {(r.dataset, r.clip_id): by_identity[(r.dataset, r.identity)] for r in records}

@@ -25,7 +25,7 @@ import webdataset as wds
 
 from pipeline import contract
 from pipeline.contract import SampleMeta
-from pipeline.rows import ERROR_FIELDS, Row, batch_to_rows, is_failed
+from pipeline.rows import ERROR_FIELDS, Row, batch_to_rows, is_failed, text_field
 from pipeline.video import EncodeSettings, encode_mp4
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
 
 
 def _json_field(row: Row, name: str, default: Any) -> Any:
-    value = row.get(name)
-    return json.loads(str(value)) if value not in (None, "") else default
+    value = text_field(row, name)
+    return json.loads(value) if value else default
 
 
 def sample_meta(row: Row, resolution: int) -> SampleMeta:
@@ -72,7 +72,7 @@ def sample_meta(row: Row, resolution: int) -> SampleMeta:
         crop_box=_json_field(row, "crop_box", []),
         resolution=resolution,
         bucket=str(row["bucket"]),
-        split=str(row.get("split") or "train"),
+        split=split_of(row),
         labels=_json_field(row, "labels", {}),
         swap_source_identity=row.get("swap_source_identity") or None,
         style_prompt=row.get("style_prompt") or None,
@@ -174,7 +174,7 @@ def run_is_current(fence: tuple[str, str] | None) -> bool:
 
 
 def split_of(row: Row) -> str:
-    return str(row.get("split") or "train")
+    return text_field(row, "split") or "train"
 
 
 def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None = None) -> str | None:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 from PIL import Image
 
 from pipeline.config import VfhqConfig
@@ -58,6 +59,27 @@ def _header_value(header: dict[str, str], key: str) -> str:
     return header[key].split()[-1]
 
 
+def _frame_rows(lines: list[tuple[int, str]]) -> dict[int, list[float]]:
+    """(line number, text) of the frame rows -> absolute index -> box; only the first six numbers of a
+    row are read (the landmarks are not used), all at once: VFHQ has millions of rows."""
+    parts = [text.split(None, MIN_ROW_NUMBERS)[:MIN_ROW_NUMBERS] for _, text in lines]
+    short = next(
+        (number for (number, _), p in zip(lines, parts, strict=True) if len(p) < MIN_ROW_NUMBERS), None
+    )
+    if short is not None:
+        raise MetaError(f"line {short}: a frame row needs at least {MIN_ROW_NUMBERS} numbers")
+    try:
+        table = np.asarray(parts, dtype=np.float64)
+    except ValueError as exc:
+        raise MetaError(f"a frame row holds a non-number: {exc}") from exc
+    x0, y0, w, h = table[:, 2], table[:, 3], table[:, 4], table[:, 5]
+    empty = np.flatnonzero((w <= 0) | (h <= 0))
+    if len(empty):
+        raise MetaError(f"line {lines[empty[0]][0]}: empty face box {w[empty[0]]:g}x{h[empty[0]]:g}")
+    boxes = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+    return dict(zip(table[:, 0].astype(np.int64).tolist(), boxes.tolist(), strict=True))
+
+
 def parse_meta(text: str, name: str) -> VfhqMeta:
     """Parse and check one meta file's text (`name`: the clip name); raises MetaError naming the problem."""
     match = CLIP_NAME.match(name)
@@ -67,9 +89,14 @@ def parse_meta(text: str, name: str) -> VfhqMeta:
     if end <= start:
         raise MetaError(f"frame range F{start}-{end} is empty (end <= start)")
     header: dict[str, str] = {}
-    boxes: dict[int, list[float]] = {}
+    rows: list[tuple[int, str]] = []
     crop: tuple[float, float, float, float] | None = None
     for number, line in enumerate(text.splitlines(), 1):
+        if line[:1].isdigit():  # the bulk of the file: checked in _frame_rows
+            if crop is not None:
+                raise MetaError(f"line {number}: content after the CROP line")
+            rows.append((number, line))
+            continue
         text_line = line.strip()
         if not text_line:
             continue
@@ -86,20 +113,11 @@ def parse_meta(text: str, name: str) -> VfhqMeta:
                 raise MetaError(f"line {number}: {exc}") from exc
             crop = (x0, y0, x1, y1)
         elif first.isdigit():
-            values = text_line.split()
-            if len(values) < MIN_ROW_NUMBERS:
-                raise MetaError(f"line {number}: a frame row needs at least {MIN_ROW_NUMBERS} numbers")
-            try:
-                x0, y0, w, h = (float(v) for v in values[2:6])
-            except ValueError as exc:
-                raise MetaError(f"line {number}: {exc}") from exc
-            if w <= 0 or h <= 0:
-                raise MetaError(f"line {number}: empty face box {w}x{h}")
-            boxes[int(first)] = [x0, y0, x0 + w, y0 + h]
-        elif ":" in text_line and not boxes:
+            rows.append((number, text_line))
+        elif ":" in text_line and not rows:
             key, _, value = text_line.partition(":")
             header[key.strip().upper()] = value.strip()
-        elif boxes:
+        elif rows:
             raise MetaError(f"line {number}: unexpected text {text_line[:40]!r}")
         # else: the column-title line between the header and the rows
     missing = [k for k in ("H", "W", "FPS") if not header.get(k)]
@@ -113,14 +131,19 @@ def parse_meta(text: str, name: str) -> VfhqMeta:
     if fps <= 0 or width <= 0 or height <= 0:
         raise MetaError(f"header values must be positive: W {width}, H {height}, FPS {fps}")
     if crop is None:
-        raise MetaError(f"no CROP line (file truncated after {len(boxes)} frame rows?)")
-    if not boxes:
+        raise MetaError(f"no CROP line (file truncated after {len(rows)} frame rows?)")
+    if not rows:
         raise MetaError("no frame rows")
+    boxes = _frame_rows(rows)
     if not _intersects(crop, width, height):
         raise MetaError(f"CROP {crop} lies outside the {width}x{height} frame")
-    for index, box in boxes.items():
-        if not _intersects(box, width, height):
-            raise MetaError(f"frame {index}: face box {box} lies outside the {width}x{height} frame")
+    table = np.asarray(list(boxes.values()))
+    outside = np.flatnonzero(
+        (table[:, 0] >= width) | (table[:, 1] >= height) | (table[:, 2] <= 0) | (table[:, 3] <= 0)
+    )
+    if len(outside):
+        index = list(boxes)[outside[0]]
+        raise MetaError(f"frame {index}: face box {boxes[index]} lies outside the {width}x{height} frame")
     return VfhqMeta(match["ytid"], int(match["pid"]), start, end, fps, width, height, boxes, crop)
 
 
