@@ -54,7 +54,8 @@ train-demo: setup ## tiny stage 1, then stage 2 from it, on the demo shards: ray
 
 notebook: setup ## the statistics notebook in JupyterLab on 127.0.0.1 for OUT (installs JupyterLab on first use)
 	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install -c constraints.txt -e '.[notebook]'
-	SHARD_STATS_OUT=$(abspath $(OUT)) $(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir=$(CURDIR) notebooks/shard_stats.ipynb
+	SHARD_STATS_OUT=$(abspath $(OUT)) $(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir=$(CURDIR) \
+		$(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/shard_stats.ipynb
 
 report: setup ## run the statistics notebook headless for OUT and save it as OUT/shard_stats.html
 	$(BIN)/python -m pipeline report --out $(OUT)
