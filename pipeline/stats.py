@@ -132,13 +132,13 @@ def split_counts(data: ShardSet) -> pd.DataFrame:
     if len(index):
         split = index["split"] if "split" in index.columns else pd.Series("train", index=index.index)
         grouped = index.assign(split=split).groupby("split")
+
+        def distinct(columns: list[str]) -> pd.Series:
+            return grouped.apply(lambda g: len(g.drop_duplicates(columns))).reindex(SPLITS, fill_value=0)
+
         frame["samples"] = grouped.size().reindex(SPLITS, fill_value=0)
-        frame["clips"] = grouped.apply(lambda g: len(g.drop_duplicates(["dataset", "clip_id"]))).reindex(
-            SPLITS, fill_value=0
-        )
-        frame["identities"] = grouped.apply(
-            lambda g: len(g.drop_duplicates(["dataset", "identity"]))
-        ).reindex(SPLITS, fill_value=0)
+        frame["clips"] = distinct(["dataset", "clip_id"])
+        frame["identities"] = distinct(["dataset", "identity"])
         frame["frames"] = grouped["num_frames"].sum().reindex(SPLITS, fill_value=0)
     shards = pd.Series([s.get("split", "train") for s in data.shard_stats], dtype=object).value_counts()
     frame["shards"] = [int(shards.get(name, 0)) for name in SPLITS]

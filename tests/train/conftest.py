@@ -18,7 +18,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = base / "out"
     commands = [
         ["build", "--no-progress", "--dataset", "demo", "--root", str(base / "data"), "--out", str(out)],
-        ["select", "--out", str(out)],
+        ["select", "--out", str(out), "--train-config", "configs/train/tiny.yaml"],  # as make shards does
     ]
     for args in commands:
         result = subprocess.run(
