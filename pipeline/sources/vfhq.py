@@ -20,6 +20,7 @@ import os
 import re
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -447,6 +448,7 @@ def scan_vfhq(root: Path, config: VfhqConfig, dataset: str = "vfhq") -> ScanResu
         raise SourceError(_nothing_found_message(meta_root or root, found, config.search_depth))
     result = ScanResult([], [], searched=[f"VFHQ meta files: {len(found.meta)} under {meta_root or root}"])
     archives = {path: zipfile.ZipFile(path) for path in found.meta_zips}
+    matched: list[tuple[str, VfhqMeta, FrameSource, MetaFile]] = []
     try:
         for name in sorted(found.meta):
             meta_file = found.meta[name]
@@ -462,21 +464,26 @@ def scan_vfhq(root: Path, config: VfhqConfig, dataset: str = "vfhq") -> ScanResu
                 msg = f"no frames of {name} under {frames_root} (<ytid>/<clip>/, <clip>/, <clip>.zip or in a zip)"
                 result.failures.append(ClipFailure(name, dataset, "source", "missing_frames", msg))
                 continue
-            try:
-                result.records.append(clip_record(name, meta, source, dataset, meta_file.split_hint))
-            except FileNotFoundError as exc:
-                result.failures.append(ClipFailure(name, dataset, "source", "missing_frames", str(exc)))
-            except MetaError as exc:
-                result.failures.append(
-                    ClipFailure(name, dataset, "source", "malformed_meta", f"{meta_file.where}: {exc}")
-                )
-            except (OSError, zipfile.BadZipFile) as exc:
-                result.failures.append(
-                    ClipFailure(name, dataset, "source", "unreadable_frames", f"{name}: {exc}")
-                )
+            matched.append((name, meta, source, meta_file))
     finally:
         for archive in archives.values():
             archive.close()
+
+    def record_or_failure(item: tuple[str, VfhqMeta, FrameSource, MetaFile]) -> ClipRecord | ClipFailure:
+        name, meta, source, meta_file = item
+        try:
+            return clip_record(name, meta, source, dataset, meta_file.split_hint)
+        except FileNotFoundError as exc:
+            return ClipFailure(name, dataset, "source", "missing_frames", str(exc))
+        except MetaError as exc:
+            return ClipFailure(name, dataset, "source", "malformed_meta", f"{meta_file.where}: {exc}")
+        except (OSError, zipfile.BadZipFile) as exc:
+            return ClipFailure(name, dataset, "source", "unreadable_frames", f"{name}: {exc}")
+
+    # Listing each clip's frames and reading its first image header waits on the file system: threads.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for outcome in pool.map(record_or_failure, matched):
+            (result.records if isinstance(outcome, ClipRecord) else result.failures).append(outcome)
     for name in sorted(set(found.frames) - set(found.meta)):
         msg = f"frames {found.frames[name].path} have no meta file Clip+...txt for {name}"
         result.failures.append(ClipFailure(name, dataset, "source", "missing_meta", msg))
