@@ -50,11 +50,7 @@ def assign_splits(records: list[ClipRecord], config: SplitConfig) -> dict[tuple[
         if "test" in marks:
             by_identity[(dataset, identity)] = "test"
             if marks - {"test"}:
-                log.warning(
-                    "%s identity %s has clips outside the dataset's test split: all go to test",
-                    dataset,
-                    identity,
-                )
+                moved.append(f"{dataset}/{identity}")
         elif "train" in marks:
             val_share = config.val / (1.0 - config.test) if config.test < 1 else 0.0
             by_identity[(dataset, identity)] = "val" if draw < val_share else "train"
