@@ -83,16 +83,37 @@ def batch_to_rows(batch: Batch) -> list[Row]:
     return [{name: batch[name][i] for name in names} for i in range(size)]
 
 
+def _missing_value(example: Any) -> Any:
+    """What a row that lacks a field gets in a batch, by the type of a row that has it."""
+    if isinstance(example, np.ndarray):
+        return np.zeros((0, *example.shape[1:]), example.dtype)
+    if isinstance(example, (str, np.str_)):
+        return ""
+    if isinstance(example, (bool, np.bool_)):
+        return False
+    if isinstance(example, (int, np.integer)):
+        return 0
+    if isinstance(example, (float, np.floating)):
+        return float("nan")
+    return None
+
+
 def rows_to_batch(rows: list[Row]) -> Batch:
-    """Inverse of batch_to_rows; arrays of differing shapes go into an object array."""
+    """Inverse of batch_to_rows over the union of the rows' fields (a failed row lacks what a stage
+    added to the healthy ones; the first row decides nothing). Arrays of differing shapes go into an
+    object array."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
     batch: Batch = {}
-    for name in rows[0]:
-        values = [row[name] for row in rows]
-        if isinstance(values[0], np.ndarray) and len({v.shape for v in values}) > 1:
+    for name in names:
+        example = next(row[name] for row in rows if name in row)
+        values = [row[name] if name in row else _missing_value(example) for row in rows]
+        if isinstance(example, np.ndarray) and len({np.shape(v) for v in values}) > 1:
             column = np.empty(len(values), dtype=object)
             for i, value in enumerate(values):
                 column[i] = value
             batch[name] = column
+        elif isinstance(example, np.ndarray):
+            batch[name] = np.stack(values)
         else:
-            batch[name] = np.asarray(values) if not isinstance(values[0], np.ndarray) else np.stack(values)
+            batch[name] = np.asarray(values)
     return batch

@@ -174,3 +174,26 @@ def test_a_batch_of_several_splits_becomes_one_shard_per_split(tmp_path: Path) -
     assert set(index["emotion"]) == {"happy"}
     with pytest.raises(ValueError, match="one split"):
         write_shard(rows[:2], tmp_path)
+
+
+@pytest.mark.parametrize("failed_first", [True, False])
+def test_a_batch_mixing_healthy_and_failed_rows_keeps_every_field(failed_first: bool) -> None:
+    """A stage adds `extra` and pixels to healthy rows only; the batch must carry the union of fields."""
+    healthy = {
+        "key": "a",
+        "error_stage": "",
+        "extra": '{"faces": 3}',
+        "mask": np.ones((2, 4, 4), bool),
+        "n": 2,
+    }
+    failed = {"key": "b", "error_stage": "decode"}
+    rows = [failed, healthy] if failed_first else [healthy, failed]
+    back = {row["key"]: row for row in batch_to_rows(rows_to_batch(rows))}
+    assert (
+        back["a"]["extra"] == '{"faces": 3}' and back["a"]["mask"].shape == (2, 4, 4) and back["a"]["n"] == 2
+    )
+    assert (
+        back["b"]["extra"] == ""
+        and back["b"]["mask"].shape == (0, 4, 4)
+        and back["b"]["error_stage"] == "decode"
+    )
