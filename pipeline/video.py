@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+BT709, LIMITED_RANGE = 1, 1  # AVCOL_SPC / AVCOL_PRI / AVCOL_TRC_BT709, AVCOL_RANGE_MPEG
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,11 @@ def encode_mp4(frames: np.ndarray, fps: float, settings: EncodeSettings | None =
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
+        # Tagged BT.709, limited range, and converted with that matrix: untagged H.264 is read as
+        # BT.601 by some readers and BT.709 by others, which shifts hues between them.
+        context = stream.codec_context
+        context.colorspace, context.color_primaries, context.color_trc = BT709, BT709, BT709
+        context.color_range = LIMITED_RANGE
         stream.options = {
             "crf": str(settings.crf),
             "preset": settings.preset,
@@ -256,7 +262,10 @@ def encode_mp4(frames: np.ndarray, fps: float, settings: EncodeSettings | None =
             "threads": str(settings.threads),
         }
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG"
+            )
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -108,3 +110,16 @@ def test_unreadable_frame_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "00000000.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="not a decodable image"):
         read_image_frames(tmp_path)
+
+
+def test_encoded_video_is_tagged_bt709_and_round_trips_saturated_colours() -> None:
+    frames = np.zeros((4, 64, 64, 3), np.uint8)
+    frames[:, :, :21], frames[:, :, 21:42], frames[:, :, 42:] = [220, 30, 40], [30, 200, 60], [40, 60, 210]
+    data = encode_mp4(frames, 25.0, EncodeSettings(crf=8))
+    with av.open(io.BytesIO(data)) as container:
+        context = container.streams.video[0].codec_context
+        tags = (context.colorspace, context.color_primaries, context.color_trc, context.color_range)
+    assert tags == (1, 1, 1, 1)  # BT.709 matrix, primaries and transfer; limited (MPEG) range
+    decoded = read_video_frames(data).astype(int)
+    for column in (10, 31, 52):  # the middle of each colour band
+        assert np.abs(decoded[:, 8:56, column] - frames[:, 8:56, column]).mean() < 4
