@@ -4,7 +4,6 @@ pipeline/mix.py), built from a source scan."""
 from __future__ import annotations
 
 import json
-import math
 
 import pandas as pd
 
@@ -37,17 +36,17 @@ MANIFEST_COLUMNS = [
 
 
 def split_segments(num_frames: int, max_frames: int) -> list[tuple[int, int]]:
-    """Split [0, num_frames) into the fewest near-equal segments of at most max_frames.
+    """Windows of exactly max_frames over [0, num_frames), the last one ending at the clip's end and
+    overlapping the one before; a clip no longer than max_frames is one segment.
 
-    Near-equal parts keep every frame and avoid a short leftover tail segment.
+    Full windows keep every segment as long as the cap allows: near-equal parts turned a 241-362-frame
+    clip into two of 121-181 frames, too short for stage 2's 181-frame span at max_frames 240.
     """
-    count = math.ceil(num_frames / max_frames)
-    base, extra = divmod(num_frames, count)
-    bounds, start = [], 0
-    for i in range(count):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
+    if num_frames <= max_frames:
+        return [(0, num_frames)]
+    bounds = [(start, start + max_frames) for start in range(0, num_frames - max_frames + 1, max_frames)]
+    if bounds[-1][1] < num_frames:
+        bounds.append((num_frames - max_frames, num_frames))
     return bounds
 
 

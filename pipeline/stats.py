@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline.config import BUCKETS
 from pipeline.contract import LABEL_KINDS
-from pipeline.select import SCORE_COLUMNS, SUBSET_DIR, read_selection
+from pipeline.select import SCORE_COLUMNS, SUBSET_DIR, read_selection, stage2_span
 from pipeline.splits import SPLITS
 from pipeline.writer import read_stats
 
@@ -162,6 +162,16 @@ def label_counts(data: ShardSet, kind: str) -> pd.Series:
     return names.value_counts()
 
 
+def stage2_usable(data: ShardSet, span: int | None = None) -> tuple[int, int]:
+    """(train samples at least stage 2's span long, train samples): what the gaze subset can draw on."""
+    span = stage2_span() if span is None else span
+    index = data.index
+    if not len(index):
+        return 0, 0
+    train = index[index["split"] == "train"] if "split" in index.columns else index
+    return int((train["num_frames"] >= span).sum()), len(train)
+
+
 def report(data: ShardSet) -> str:
     """The statistics as text: what `python -m pipeline stats` prints."""
     lines = [f"shard set {data.out}: {len(data.index)} samples"]
@@ -207,6 +217,8 @@ def report(data: ShardSet) -> str:
             )
     else:
         lines.append("gaze subset: none (run python -m pipeline select)")
+    usable, train = stage2_usable(data)
+    lines.append(f"stage-2 usable train samples (>= {stage2_span()} frames): {usable} of {train}")
     lengths = clip_lengths(data)
     if len(lengths):
         lines.append(

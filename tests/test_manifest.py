@@ -13,13 +13,19 @@ from pipeline.sources.base import ClipRecord, ScanResult
 
 @pytest.mark.parametrize("num_frames", [1, 16, 63, 64, 65, 128, 129, 500])
 @pytest.mark.parametrize("max_frames", [16, 64])
-def test_segments_cover_every_frame_once(num_frames: int, max_frames: int) -> None:
+def test_segments_are_full_windows_covering_every_frame(num_frames: int, max_frames: int) -> None:
     bounds = split_segments(num_frames, max_frames)
     assert bounds[0][0] == 0 and bounds[-1][1] == num_frames
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
-    lengths = [stop - start for start, stop in bounds]
-    assert max(lengths) <= max_frames and max(lengths) - min(lengths) <= 1
+    assert all(b[0] <= a[1] for a, b in zip(bounds, bounds[1:], strict=False))  # no frame left out
+    lengths = {stop - start for start, stop in bounds}
+    assert lengths == {min(num_frames, max_frames)}  # every segment as long as the cap allows
     assert len(bounds) == -(-num_frames // max_frames)
+
+
+@pytest.mark.parametrize("num_frames", range(181, 600, 7))
+def test_every_clip_long_enough_for_stage_2_gives_stage_2_segments(num_frames: int) -> None:
+    span = (16 - 1) * 12 + 1
+    assert all(stop - start >= span for start, stop in split_segments(num_frames, 240))
 
 
 def record(clip_id: str, num_frames: int, boxes: bool = True) -> ClipRecord:
@@ -35,8 +41,9 @@ def test_manifest_segments_share_bucket_and_slice_boxes() -> None:
     assert [f.error for f in failures] == ["too_short"] and failures[0].clip_id == "b"
     assert list(manifest["segment"]) == [0, 1, 2] and manifest["bucket"].nunique() == 1
     assert manifest["key"].is_unique and not any("." in k for k in manifest["key"])
-    second = json.loads(manifest.loc[1, "face_boxes"])
-    assert len(second) == 40 and second[0][0] == manifest.loc[1, "frame_start"]
+    assert list(manifest["frame_start"]) == [0, 50, 70] and list(manifest["frame_stop"]) == [50, 100, 120]
+    last = json.loads(manifest.loc[2, "face_boxes"])
+    assert len(last) == 50 and last[0][0] == manifest.loc[2, "frame_start"]
 
 
 def test_manifest_refuses_colliding_keys() -> None:

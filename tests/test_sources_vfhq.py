@@ -188,4 +188,4 @@ def test_segments_of_an_offset_clip_cover_its_frames(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     (record,) = scan_vfhq(tmp_path, VfhqConfig()).records
     assert (record.frame_offset, record.num_frames) == (3, 17)
-    assert split_segments(record.num_frames, 10) == [(0, 9), (9, 17)]
+    assert split_segments(record.num_frames, 10) == [(0, 10), (7, 17)]

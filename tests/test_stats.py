@@ -38,6 +38,13 @@ def test_numbers_of_a_fake_shard_set(tmp_path: Path) -> None:
         assert expected in text, (expected, text)
 
 
+def test_stats_count_the_train_samples_stage_2_can_use(tmp_path: Path) -> None:
+    fake_shard_set(tmp_path, [1.0] * 5, splits=["train"] * 4 + ["val"], frames=[240, 181, 180, 90, 240])
+    data = stats.load(tmp_path)
+    assert stats.stage2_usable(data) == (2, 4)
+    assert "stage-2 usable train samples (>= 181 frames): 2 of 4" in stats.report(data)
+
+
 def test_stats_of_a_missing_build_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="build the shards first"):
         stats.load(tmp_path)
