@@ -10,7 +10,8 @@ One sample = one clip segment. Members:
 | style.mp4   | SDXL-stylised driving video (style bucket only), same frames         |
 | face.npz    | per-frame face mask, bool [T,H,W], bit-packed                        |
 | fg.npz      | per-frame foreground mask, bool [T,H,W], bit-packed                  |
-| gaze.npy    | float32 [T,2] pitch, yaw in radians; NaN where not computed          |
+| gaze.npy    | float32 [T,2] pitch, yaw in radians (L2CS's naming: column 0 is what |
+|             | L2CS draws left-right); NaN where not computed                       |
 | json        | SampleMeta                                                           |
 
 Every shard holds samples of one split (train / val / test), named in its stats file, so a reader picks

@@ -102,3 +102,16 @@ def test_robust_score_is_an_angle_on_the_sphere():
     assert gs.robust_spread_deg(track) == pytest.approx(30.0, abs=1e-6)
     vectors = gs.gaze_vectors(np.random.default_rng(4).uniform(-1, 1, (50, 2)))
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0)
+
+
+def test_authors_score_ranks_a_steady_side_gaze_above_a_real_shift() -> None:
+    """The figures docs/stage_gaze.md quotes: the authors' var(θ) keeps a steady gaze (jitter near yaw 0
+    flips θ between ±45) and ranks it above a real 29° shift; the robust score orders them right."""
+    rng = np.random.default_rng(0)
+    n = 32
+    steady = np.stack([np.full(n, np.radians(8.6)), rng.normal(0, np.radians(1.0), n)], 1)
+    jitter = rng.normal(0, np.radians(1.0), n)
+    shift = np.stack([np.r_[np.zeros(n // 2), np.full(n // 2, np.radians(29))], np.radians(5) + jitter], 1)
+    assert gs.authors_score(steady) > 200 and gs.authors_score(steady) > gs.authors_score(shift)
+    assert round(gs.authors_score(steady)) == 1228 and round(gs.authors_score(shift)) == 410
+    assert gs.robust_spread_deg(steady) < 2 and gs.robust_spread_deg(shift) > 10
