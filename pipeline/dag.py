@@ -81,7 +81,7 @@ def check_resources(config: BuildConfig, available: dict[str, float]) -> None:
 
 def stage_kwargs(stage_cls: type, options: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments of a stage actor: its options plus the build context it asks for
-    (weights_dir, bank_path, ...), matched by parameter name."""
+    (weights_dir, bank_path, gpu_share: its num_gpus, ...), matched by parameter name."""
     accepted = inspect.signature(stage_cls.__init__).parameters
     return {**{k: v for k, v in context.items() if k in accepted}, **options}
 
@@ -112,7 +112,9 @@ def build_dataset(
             batch_size=stage.batch_size,
             num_gpus=stage.num_gpus,
             num_cpus=stage.num_cpus,
-            fn_constructor_kwargs=stage_kwargs(stage_cls, stage.options, stage_context or {}),
+            fn_constructor_kwargs=stage_kwargs(
+                stage_cls, stage.options, {**(stage_context or {}), "gpu_share": stage.num_gpus}
+            ),
         )
     ds = ds.map(_encode_step(config), num_cpus=task_cpus).map(as_writer_row, num_cpus=task_cpus)
     return ds.map_batches(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.rows import Row, update_json_field
 from pipeline.stages.base import Stage, register_stage
-from pipeline.stages.device import resolve_device
+from pipeline.stages.device import limit_torch_memory, resolve_device
 from pipeline.weights import MissingWeights, file_id, load_weight_specs, register_tiny_writer
 
 log = logging.getLogger(__name__)
@@ -227,10 +227,12 @@ class FaceMaskStage(Stage):
         box_scale: float = 1.0,
         centre_box: float = 0.8,
         device: str = "auto",
+        gpu_share: float = 0.0,
         **unknown: Any,
     ):
         if unknown:
             raise ValueError(f"face_mask: unknown option(s) {sorted(unknown)}")
+        limit_torch_memory(resolve_device(device), gpu_share)  # a fractional num_gpus shares one device
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         if model not in PARSING_MODELS:

@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.rows import Row, update_json_field
 from pipeline.stages.base import Stage, register_stage
+from pipeline.stages.device import gpu_memory_fraction
 from pipeline.weights import MissingWeights, check_weights, file_id, load_weight_specs, register_tiny_writer
 
 log = logging.getLogger(__name__)
@@ -197,18 +198,67 @@ def write_tiny_inswapper(dest: Path, seed: int) -> None:
 # Loading (shared with the identity bank).
 
 
-def onnx_providers(device: str) -> list[str]:
-    """ONNX Runtime providers for `device`: CUDA (with CPU fallback for unsupported ops) or CPU."""
+Provider = str | tuple[str, dict[str, Any]]
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def provider_name(provider: Provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def onnx_providers(device: str, gpu_share: float = 0.0) -> list[Provider]:
+    """ONNX Runtime providers for `device`: CUDA (with CPU fallback for unsupported ops) or CPU. A
+    fractional `gpu_share` caps the CUDA arena at that share of the device's memory."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    has_cuda = CUDA_PROVIDER in onnxruntime.get_available_providers()
     if device == "cuda" and not has_cuda:
         raise ValueError(
             "device='cuda' but onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
         )
-    if device != "cpu" and has_cuda:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if device == "auto" and not has_cuda and torch_sees_a_gpu():
+        log.warning(
+            "a CUDA GPU is present but onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu missing or "
+            "broken: %s): SCRFD and INSwapper run on the CPU", onnxruntime.get_available_providers(),
+        )  # fmt: skip
+    if device == "cpu" or not has_cuda:
+        return [CPU_PROVIDER]
+    fraction = gpu_memory_fraction(gpu_share)
+    if fraction is None:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+    if not total:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    options = {"gpu_mem_limit": int(fraction * total), "arena_extend_strategy": "kSameAsRequested"}
+    return [(CUDA_PROVIDER, options), CPU_PROVIDER]
+
+
+def torch_sees_a_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def check_session_providers(sessions: dict[str, Any], wanted: list[Provider], device: str) -> None:
+    """ONNX Runtime falls back to the CPU silently when the CUDA provider cannot start: compare what each
+    session got with what was asked. device='cuda' makes that an error, 'auto' a warning."""
+    if provider_name(wanted[0]) != CUDA_PROVIDER:
+        return
+    on_cpu = [name for name, session in sessions.items() if CUDA_PROVIDER not in session.get_providers()]
+    if not on_cpu:
+        return
+    message = (
+        f"asked ONNX Runtime for {CUDA_PROVIDER}, but {', '.join(on_cpu)} run on "
+        f"{sessions[on_cpu[0]].get_providers()} (CUDA / cuDNN libraries missing or not matching onnxruntime-gpu?)"
+    )
+    if device == "cuda":
+        raise RuntimeError(message)
+    log.warning("%s", message)
 
 
 def weight_paths(weights_dir: str | Path, names: list[str]) -> dict[str, Path]:
@@ -250,7 +300,7 @@ def weights_id(path: Path) -> str:
 def load_face_analysis(
     weights_dir: str | Path,
     modules: list[str],
-    providers: list[str],
+    providers: list[Provider],
     det_size: int,
     det_thresh: float,
 ) -> Any:
@@ -268,12 +318,12 @@ def load_face_analysis(
     for module in modules:
         if module not in app.models:
             raise ValueError(f"FaceAnalysis found no {module} model among the .onnx files in {folder}")
-    ctx_id = 0 if providers[0] == "CUDAExecutionProvider" else -1
+    ctx_id = 0 if provider_name(providers[0]) == CUDA_PROVIDER else -1
     app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(det_size, det_size))
     return app
 
 
-def load_inswapper(path: Path, providers: list[str]) -> Any:
+def load_inswapper(path: Path, providers: list[Provider]) -> Any:
     from insightface.model_zoo import get_model
     from insightface.model_zoo.inswapper import INSwapper
 
@@ -346,6 +396,7 @@ class FaceSwapStage(Stage):
         min_iou: float = 0.3,
         frame_batch: int = 4,
         device: str = "auto",
+        gpu_share: float = 0.0,
     ) -> None:
         from pipeline.identity_bank import load_identity_bank
 
@@ -362,11 +413,13 @@ class FaceSwapStage(Stage):
         self.seed = int(seed)
         self.min_iou = float(min_iou)
         self.frame_batch = int(frame_batch)
-        self.providers = onnx_providers(device)
+        self.providers = onnx_providers(device, gpu_share)
         paths = weight_paths(weights_dir, [SCRFD, INSWAPPER])
         self.app = load_face_analysis(weights_dir, ["detection"], self.providers, det_size, det_thresh)
         self.detector = self.app.det_model
         self.swapper = load_inswapper(paths[INSWAPPER], self.providers)
+        sessions = {SCRFD: self.detector.session, INSWAPPER: self.swapper.session}
+        check_session_providers(sessions, self.providers, device)
         bank = load_identity_bank(Path(bank_path))
         self.bank = {
             str(r.identity): np.asarray(r.normed, np.float32) for r in bank.itertuples() if r.frames_used

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.rows import Row, update_json_field
 from pipeline.stages.base import Stage, register_stage
-from pipeline.stages.device import resolve_device
+from pipeline.stages.device import limit_torch_memory, resolve_device
 from pipeline.stages.face_mask import PARSING_MODELS, FaceParser, check_int
 from pipeline.weights import MissingWeights, file_id, load_weight_specs
 
@@ -146,10 +146,12 @@ class ForegroundStage(Stage):
         score_threshold: float = 0.8,
         densepose_config: str | None = None,
         device: str = "auto",
+        gpu_share: float = 0.0,
         **unknown: Any,
     ):
         if unknown:
             raise ValueError(f"foreground: unknown option(s) {sorted(unknown)}")
+        limit_torch_memory(resolve_device(device), gpu_share)  # a fractional num_gpus shares one device
         if parsing_model not in PARSING_MODELS:
             raise ValueError(f"parsing_model must be one of {PARSING_MODELS}, got {parsing_model!r}")
         if not 0 <= score_threshold <= 1:

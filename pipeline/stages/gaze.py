@@ -24,7 +24,7 @@ import torch
 from pipeline.gaze_scores import clip_scores
 from pipeline.rows import Row, update_json_field
 from pipeline.stages.base import Stage, register_stage
-from pipeline.stages.device import resolve_device
+from pipeline.stages.device import limit_torch_memory, resolve_device
 from pipeline.stages.l2cs import WEIGHTS_NAME, decode_gaze360, load_l2cs, normalise
 from pipeline.video import crop_and_resize
 from pipeline.weights import file_id, load_weight_specs
@@ -72,7 +72,7 @@ class GazeStage(Stage):
     def weights_needed(cls, options: dict[str, Any]) -> list[str]:
         return [WEIGHTS_NAME]
 
-    def __init__(self, weights_dir: str, **options: Any) -> None:
+    def __init__(self, weights_dir: str, gpu_share: float = 0.0, **options: Any) -> None:
         unknown = sorted(set(options) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"gaze stage: unknown options {unknown}; known: {sorted(DEFAULTS)}")
@@ -90,6 +90,7 @@ class GazeStage(Stage):
         self.frame_batch, self.input_size = opts["frame_batch"], opts["input_size"]
         self.centre_crop, self.box_scale = float(opts["centre_crop"]), float(opts["box_scale"])
         self.device = resolve_device(str(opts["device"]))
+        limit_torch_memory(self.device, gpu_share)
         # Half precision on GPU: ResNet50 inference is well inside fp16's range; softmax runs in fp32.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         path = Path(weights_dir) / load_weight_specs()[WEIGHTS_NAME].path

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pipeline.rows import Row, update_json_field
 from pipeline.stages import stylise_tiny
 from pipeline.stages.base import Stage, register_stage
-from pipeline.stages.device import resolve_device
+from pipeline.stages.device import limit_torch_memory, resolve_device
 from pipeline.weights import MissingWeights, load_weight_specs
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class StyliseStage(Stage):
         device: str = "auto",
         dtype: str = "auto",
         variant: str | None = None,
+        gpu_share: float = 0.0,
     ) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
@@ -122,6 +123,7 @@ class StyliseStage(Stage):
         self.guidance_scale = float(guidance_scale)
         self.size, self.seed, self.frame_batch = int(size), int(seed), int(frame_batch)
         self.device = resolve_device(device)
+        limit_torch_memory(self.device, gpu_share)
         if dtype == "auto":
             dtype = "float16" if self.device.type == "cuda" else "float32"
         self.dtype = DTYPES[dtype]
