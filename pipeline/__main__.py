@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.build import RecipeMismatch, run_build
 from pipeline.config import DATASETS, load_build_config
 from pipeline.sources.base import SourceError
+from pipeline.visibility import NotShared
 
 log = logging.getLogger("pipeline")
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_build_config(args.dataset, args.config, args.overrides, root=args.root, out=args.out)
         summary = run_build(config, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError, SourceError, RecipeMismatch) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, SourceError, RecipeMismatch, NotShared) as exc:
         log.error("%s", exc)
         return 2
     for line in summary.lines():

@@ -266,8 +266,13 @@ def _run_dag(
 ) -> list[dict[str, str]]:
     """Run the Ray Data plan over `todo`; returns the failure rows of samples that did not make it."""
     from pipeline.dag import build_dataset, init_ray  # Ray is imported only when there is work
+    from pipeline.visibility import check_nodes_see
 
     init_ray(config.num_cpus)
+    shared = {"output folder": str(shards_dir.resolve()), "dataset root": str(Path(config.root).resolve())}
+    if stage_context.get("weights_dir"):
+        shared["WEIGHTS_DIR"] = str(Path(stage_context["weights_dir"]).resolve())
+    check_nodes_see(shared, shards_dir)
     failures: list[dict[str, str]] = []
     dataset = build_dataset(todo, config, str(shards_dir.resolve()), fence, stage_context)
     with tqdm(total=len(todo), unit="sample", desc="shards", disable=not progress) as bar:
