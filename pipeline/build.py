@@ -274,9 +274,11 @@ def _run_dag(
         shared["WEIGHTS_DIR"] = str(Path(stage_context["weights_dir"]).resolve())
     check_nodes_see(shared, shards_dir)
     failures: list[dict[str, str]] = []
+    seen: set[str] = set()
     dataset = build_dataset(todo, config, str(shards_dir.resolve()), fence, stage_context)
     with tqdm(total=len(todo), unit="sample", desc="shards", disable=not progress) as bar:
         for row in dataset.iter_rows():
+            seen.add(str(row["key"]))
             if row["status"] == "failed":
                 failures.append(
                     {
@@ -289,6 +291,16 @@ def _run_dag(
                     }
                 )
             bar.update(1)
+    retries = max((stage.max_task_retries for stage in config.stages), default=0)
+    for row in todo[~todo["key"].isin(seen)].to_dict("records"):
+        message = (
+            f"its batch failed {retries + 1} times (the actor died: a crash, CUDA or host OOM; or an error "
+            "outside the per-row guard); the Ray worker logs have the cause"
+        )
+        failures.append(
+            {"clip_id": row["clip_id"], "dataset": row["dataset"], "key": row["key"], "stage": "annotators",
+             "error": "task_failed", "message": message}
+        )  # fmt: skip
     return failures
 
 

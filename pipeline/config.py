@@ -75,6 +75,9 @@ class StageConfig:
     num_cpus: float = 1.0
     batch_size: int = 1
     pool_size: int = 1
+    # Retries of a batch whose actor died (segfault, CUDA or host OOM): Ray Data's default retries it
+    # forever; after these the batch's clips become failure rows (`task_failed`) and the run goes on.
+    max_task_retries: int = 2
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,6 +124,10 @@ class BuildConfig:
             raise ValueError(f"profile must be 'tiny' or 'full', got {self.profile!r}")
         if self.splits.val < 0 or self.splits.test < 0 or self.splits.val + self.splits.test >= 1:
             raise ValueError(f"splits: need val, test >= 0 and val + test < 1, got {self.splits}")
+        if any(stage.max_task_retries < 0 for stage in self.stages):
+            raise ValueError(
+                "stages[].max_task_retries must be >= 0 (a crashing clip must not be retried forever)"
+            )
         if self.crop_scale < 1.0:
             raise ValueError(f"crop_scale must be >= 1, got {self.crop_scale}")
 

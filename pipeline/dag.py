@@ -99,6 +99,9 @@ def build_dataset(
     `stage_context` holds what stages may ask for in their constructor (weights_dir, bank_path).
     """
     rows = manifest.assign(error_stage="", error="", message="", timings="{}", annotations="[]")
+    # A batch whose retries ran out (its actor kept dying) is dropped instead of failing the whole run;
+    # the driver records its clips as failures (pipeline/build.py).
+    ray.data.DataContext.get_current().max_errored_blocks = max(1, len(rows))
     # One block per segment: the writer bundles `samples_per_shard` of them into each task.
     ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows)))
     check_resources(config, ray.cluster_resources())
@@ -112,6 +115,8 @@ def build_dataset(
             batch_size=stage.batch_size,
             num_gpus=stage.num_gpus,
             num_cpus=stage.num_cpus,
+            max_restarts=-1,  # a dead actor is replaced, so the pool keeps its size
+            max_task_retries=stage.max_task_retries,
             fn_constructor_kwargs=stage_kwargs(
                 stage_cls, stage.options, {**(stage_context or {}), "gpu_share": stage.num_gpus}
             ),

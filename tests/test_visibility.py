@@ -27,9 +27,7 @@ def test_every_node_is_asked_and_one_error_lists_the_problems(tmp_path: Path) ->
     try:
         check_nodes_see({"dataset root": str(tmp_path)}, tmp_path)  # a single node sees it all
         assert not list(tmp_path.glob(".visible-*"))  # the marker is gone
-        with pytest.raises(
-            NotShared, match=r"node [\d.]+ \(\w+\): WEIGHTS_DIR /nowhere does not exist"
-        ):
+        with pytest.raises(NotShared, match=r"node [\d.]+ \(\w+\): WEIGHTS_DIR /nowhere does not exist"):
             check_nodes_see({"WEIGHTS_DIR": "/nowhere"}, tmp_path)
     finally:
         ray.shutdown()
