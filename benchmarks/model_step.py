@@ -1,12 +1,22 @@
-"""Time and peak memory of one MegActor training step (forward + backward + AdamW), JSON on stdout.
+"""Time, memory and saved activations of one MegActor training step (forward + backward + AdamW), JSON out.
 
     python benchmarks/model_step.py                                    # tiny, CPU, 4 frames x 64 px
+    python benchmarks/model_step.py --frames 16 --resolution 128 --steps 2   # the activation figures
     python benchmarks/model_step.py --profile full --device cuda --frames 16 --resolution 512 \\
-        --dtype bf16 --checkpointing both --peak-tflops 989               # H100 SXM dense bf16
+        --dtype bf16 --peak-tflops 989                                    # H100 SXM dense bf16
+
+Gradient checkpointing modes, each measured in the same run: `off`; `diffusers` (what
+`UNetMotionModel.enable_gradient_checkpointing` does alone: resnets and spatial transformers, not the
+motion modules; the behaviour before motion modules were checkpointed, the baseline); `motion`
+(diffusers' plus every motion module, the model's default). Saved activations = bytes autograd keeps
+for backward at the end of the forward pass (unique storages, parameters excluded), counted with
+`torch.autograd.graph.saved_tensors_hooks` (model.checkpointing.SavedActivations).
 
 Random weights (nothing is downloaded): timing and memory do not depend on the values. bf16 means
 bf16 autocast over fp32 parameters (mixed precision, fp32 AdamW states), what the trainer runs.
-MFU = (model FLOPs of the step, counted by torch's FlopCounterMode) / step time / peak FLOP/s.
+MFU = (FLOPs of the step as executed, recompute included, counted by torch's FlopCounterMode) / step
+time / peak FLOP/s. The full-size stage-1 / stage-2 step with the trainer's data loader is
+benchmarks/train_step_gpu.py.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.checkpointing import SavedActivations  # noqa: E402
 from model.components import build_components  # noqa: E402
 from model.config import MegActorConfig  # noqa: E402
 from model.megactor import MegActor, MegActorBatch, count  # noqa: E402
@@ -58,12 +69,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
+CHECKPOINTING_MODES = ("off", "diffusers", "motion")
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict:
     torch.manual_seed(0)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    config = MegActorConfig(gradient_checkpointing=checkpointing, reference_dropout=0.1)
+    config = MegActorConfig(
+        gradient_checkpointing=mode != "off",
+        checkpoint_motion_modules=mode == "motion",
+        reference_dropout=0.1,
+    )
     with torch.device(args.device):
         model = MegActor(config, build_components(args.profile))
     params = model.trainable_parameters(args.stage)
@@ -78,16 +96,17 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
     )
     model.train()
 
-    def step() -> None:
-        with autocast:
+    def step(meter: SavedActivations | None = None) -> None:
+        with autocast, meter.measure() if meter else contextlib.nullcontext():
             out = model(batch)
             loss = F.mse_loss(out.prediction.float(), out.target.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    meter = SavedActivations(model)
     with FlopCounterMode(display=False) as counter:
-        step()  # also the warm-up
+        step(meter)  # also the warm-up
     flops = counter.get_total_flops()
     times = []
     for _ in range(args.steps):
@@ -98,7 +117,8 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     result = {
-        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing": mode,
+        "saved_activation_mib": round(meter.total_bytes / 2**20, 1),
         "step_seconds_median": round(seconds, 4),
         "step_seconds_all": [round(t, 4) for t in times],
         "peak_memory_gib": round(peak_memory_gib(args.device), 3),
@@ -127,7 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--latents", action="store_true", help="targets as cached latents (skip the VAE encoder)"
     )
-    parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
+    parser.add_argument(
+        "--checkpointing",
+        default=",".join(CHECKPOINTING_MODES),
+        help=f"comma-separated modes from {CHECKPOINTING_MODES} (default: all three, same run)",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
         "--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 SXM bf16: 989)"
@@ -140,14 +164,21 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         device_name = torch.cuda.get_device_name(torch.device(args.device))
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    modes = args.checkpointing.split(",")
+    unknown = sorted(set(modes) - set(CHECKPOINTING_MODES))
+    if unknown:
+        raise ValueError(f"--checkpointing: expected modes from {CHECKPOINTING_MODES}, got {unknown}")
+    runs = [measure(args, mode) for mode in modes]
     report = {
         "benchmark": "model_step",
         "device": device_name,
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "checkpointing"},
-        "runs": [measure(args, mode) for mode in modes],
+        "runs": runs,
     }
+    saved = {run["gradient_checkpointing"]: run["saved_activation_mib"] for run in runs}
+    if "diffusers" in saved and "motion" in saved:  # against the baseline measured in this run
+        report["saved_activations_motion_vs_diffusers_only"] = round(saved["motion"] / saved["diffusers"], 3)
     print(json.dumps(report, indent=2))
     return report
 

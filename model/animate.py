@@ -3,7 +3,13 @@
     python -m model.animate --ref IMG --driving VIDEO --weights DIR --out OUT.mp4 [key=value ...]
 
 key=value sets any field of SamplingConfig (num_inference_steps, guidance_scale, eta, context_frames,
-context_overlap, seed, progress) or AnimateOptions (resolution, max_frames, face_mask, device, fps).
+context_overlap, seed, progress) or AnimateOptions (resolution, max_frames, face_mask, ref_mask,
+face_weights, face_model, foreground_backend, parsing_size, device, fps).
+
+By default the inputs are prepared the way training saw them: the driving video face-masked by the shard
+builder's face-mask stage, the reference's background mask from its foreground stage (both read their
+weights from face_weights, else $WEIGHTS_DIR, else --weights). `face_mask=none` / `ref_mask=none` opt out
+(for inputs already masked, or to compare); `--ref-mask FILE` gives the reference's mask as an image.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import torch
 from model.config import apply_overrides
 from model.loading import load_megactor
 from model.preprocess import (
+    foreground_background_mask,
     prepare_background_mask,
     prepare_driving,
     prepare_reference,
     read_image,
+    square_resize,
     to_uint8_frames,
 )
 from model.sampling import MegActorPipeline, SamplingConfig
@@ -36,9 +44,16 @@ log = logging.getLogger("model.animate")
 class AnimateOptions:
     resolution: int = 512  # must be a multiple of 8; the tiny profile runs at 64
     max_frames: int = 0  # 0 = every frame of the driving video
-    face_mask: str = "none"  # "none" | "facexlib" (see model.preprocess.mask_faces)
-    face_weights: str = ""  # facexlib weights folder for face_mask=facexlib; "" = $WEIGHTS_DIR
+    face_mask: str = "facexlib"  # "facexlib" (the face-mask stage, as in training) | "none"
+    ref_mask: str = (
+        "foreground"  # "foreground" (the foreground stage, as in training) | "none" (all background)
+    )
+    face_weights: str = (
+        ""  # annotator weights folder (configs/weights.yaml); "" = $WEIGHTS_DIR, else --weights
+    )
     face_model: str = "parsenet"  # "parsenet" | "bisenet"
+    foreground_backend: str = "auto"  # the foreground stage's backend: "auto" | "densepose" | "parsing"
+    parsing_size: int = 512  # face-parsing input side of both stages (the shard builder's 512)
     device: str = "auto"  # "auto" = cuda when available
     fps: float = 0.0  # 0 = the driving video's frame rate
 
@@ -57,6 +72,45 @@ def split_overrides(items: list[str]) -> tuple[SamplingConfig, AnimateOptions]:
     return sampling, options
 
 
+REF_MASK_METHODS = ("foreground", "none")
+
+
+def prepare_inputs(
+    ref: Path, driving_path: Path, ref_mask: Path | None, weights: Path, options: AnimateOptions, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """reference (3, R, R), driving (F, 3, R, R) and background mask (1, R, R) or None (all background)."""
+    if options.ref_mask not in REF_MASK_METHODS:
+        raise ValueError(f"ref_mask: expected one of {REF_MASK_METHODS}, got {options.ref_mask!r}")
+    annotator_weights = options.face_weights or os.environ.get("WEIGHTS_DIR") or str(weights)
+    image = read_image(ref)
+    reference = prepare_reference(image, options.resolution)
+    if ref_mask is not None:
+        mask = prepare_background_mask(read_image(ref_mask), options.resolution)
+    elif options.ref_mask == "foreground":
+        square = square_resize(image[None], options.resolution)[0]  # the pixels `reference` holds
+        mask = foreground_background_mask(
+            square,
+            annotator_weights,
+            options.foreground_backend,
+            options.face_model,
+            device,
+            options.parsing_size,
+        )
+    else:
+        mask = None
+    frames = read_video_frames(driving_path, 0, options.max_frames or None)
+    driving = prepare_driving(
+        frames,
+        options.resolution,
+        options.face_mask,
+        annotator_weights,
+        options.face_model,
+        device,
+        options.parsing_size,
+    )
+    return reference, driving, mask
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m model.animate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", type=Path, required=True, help="reference image")
@@ -67,7 +121,10 @@ def main(argv: list[str] | None = None) -> Path:
         "--checkpoint", type=Path, default=None, help="MegActor checkpoint (default WEIGHTS/megactor)"
     )
     parser.add_argument(
-        "--ref-mask", type=Path, default=None, help="reference foreground mask image, white = person"
+        "--ref-mask",
+        type=Path,
+        default=None,
+        help="reference foreground mask image, white = person (default: the foreground stage's mask)",
     )
     parser.add_argument("settings", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -77,14 +134,10 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(f"resolution: expected a multiple of 8, got {options.resolution}")
 
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_megactor(args.weights, args.checkpoint).to(device)
-    reference = prepare_reference(read_image(args.ref), options.resolution)
-    mask = prepare_background_mask(read_image(args.ref_mask), options.resolution) if args.ref_mask else None
-    frames = read_video_frames(args.driving, 0, options.max_frames or None)
-    face_weights = options.face_weights or os.environ.get("WEIGHTS_DIR")
-    driving = prepare_driving(
-        frames, options.resolution, options.face_mask, face_weights, options.face_model, device
+    reference, driving, mask = prepare_inputs(
+        args.ref, args.driving, args.ref_mask, args.weights, options, device
     )
+    model = load_megactor(args.weights, args.checkpoint).to(device)
     log.info("animating %d driving frames at %d px", len(driving), options.resolution)
 
     video = MegActorPipeline(model)(reference, driving, mask, sampling)  # (F, 3, R, R) in [-1, 1]

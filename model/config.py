@@ -35,17 +35,22 @@ class MegActorConfig:
     reference_dropout: float = 0.1
     driven_ada: bool = False  # the optional reference-conditioned scale/shift in the DrivenEncoder
     gradient_checkpointing: bool = False
-    # Noise schedule (the authors' values). Zero-terminal-SNR rescale implies "trailing" spacing so the
-    # sampler starts from pure noise at t = 999.
+    # With gradient_checkpointing, also checkpoint the AnimateDiff motion modules (diffusers checkpoints
+    # only the resnets and spatial transformers of UNetMotionModel). False = diffusers' behaviour alone.
+    checkpoint_motion_modules: bool = True
+    # Noise schedule: the authors' betas with the zero-terminal-SNR rescale and "trailing" spacing, so
+    # the sampler starts from pure noise at t = 999. v-prediction, not the authors' epsilon: at t = 999
+    # an epsilon model's x0 estimate divides by sqrt(alpha_bar) ~ 0 (ill-conditioned: docs/model.md),
+    # a v model's x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v stays well-posed at every step.
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
+    prediction_type: str = "v_prediction"
     rescale_betas_zero_snr: bool = True
     timestep_spacing: str = "trailing"
-    # With zero terminal SNR, alpha_bar(999) = 0 and an epsilon model's x0 estimate divides by zero; a
-    # floor of 2**-24 (what diffusers' Euler scheduler uses) keeps the first DDIM step finite.
+    # With zero terminal SNR, alpha_bar(999) = 0; a floor of 2**-24 (what diffusers' Euler scheduler
+    # uses) keeps an epsilon model's first DDIM step finite (finite, not accurate: use v_prediction).
     terminal_alpha_bar: float = 2.0**-24
     noise_offset: float = 0.1  # added per (sample, channel), shared across frames and pixels
     trainable: dict[str, list[str]] = field(
@@ -63,6 +68,15 @@ class MegActorConfig:
             raise ValueError(
                 f"prediction_type: expected 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
             )
+        if self.timestep_spacing not in ("trailing", "leading", "linspace"):
+            raise ValueError(
+                f"timestep_spacing: expected 'trailing', 'leading' or 'linspace', got {self.timestep_spacing!r}"
+            )
+
+    @property
+    def samples_terminal_step(self) -> bool:
+        """True when DDIM's first sampling step is t = T-1, where zero-terminal-SNR alpha_bar is ~0."""
+        return self.rescale_betas_zero_snr and self.timestep_spacing in ("trailing", "linspace")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

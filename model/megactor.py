@@ -22,6 +22,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel, UNetMotionModel
 from torch import nn
 
 from model.background import BackgroundEncoder
+from model.checkpointing import checkpoint_motion_modules
 from model.components import Components
 from model.config import MegActorConfig
 from model.driven_encoder import DrivenEncoder
@@ -66,6 +67,15 @@ class Condition:
 
 def build_scheduler(config: MegActorConfig) -> DDIMScheduler:
     """The training and sampling noise schedule (one object: add_noise, get_velocity and step)."""
+    if config.prediction_type == "epsilon" and config.samples_terminal_step:
+        log.warning(
+            "epsilon prediction with zero terminal SNR and %s spacing samples t = %d, where alpha_bar is "
+            "floored at %.3g: an epsilon error enters the first step amplified ~1/sqrt(alpha_bar); use "
+            "prediction_type=v_prediction or timestep_spacing=leading (docs/model.md)",
+            config.timestep_spacing,
+            config.num_train_timesteps - 1,
+            config.terminal_alpha_bar,
+        )
     scheduler = DDIMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_start=config.beta_start,
@@ -136,6 +146,8 @@ class MegActor(nn.Module):
         if config.gradient_checkpointing:
             self.reference_net.enable_gradient_checkpointing()
             self.denoiser.enable_gradient_checkpointing()
+            if config.checkpoint_motion_modules:
+                checkpoint_motion_modules(self.denoiser)
 
     def train(self, mode: bool = True) -> MegActor:
         super().train(mode)
@@ -150,9 +162,10 @@ class MegActor(nn.Module):
 
         Uses the posterior mean, not a sample: deterministic, so latents cached by a data pipeline and
         latents computed here agree (the posterior std of sd-vae-ft-mse is tiny next to the latent scale).
+        Float32 whatever the VAE ran in: the noise is added to these (see `forward`).
         """
         flat = frames.flatten(0, 1).to(self.vae.dtype)
-        latents = [self.vae.encode(part).latent_dist.mean for part in flat.split(chunk)]
+        latents = [self.vae.encode(part).latent_dist.mean.float() for part in flat.split(chunk)]
         return (torch.cat(latents) * self.latent_scale).unflatten(0, frames.shape[:2])
 
     @torch.no_grad()
@@ -178,22 +191,41 @@ class MegActor(nn.Module):
         """Run the ReferenceNet on the clean reference latent at the denoising timestep; fill the bank."""
         self.bank.clear()
         self.bank.keep = keep  # (B,) bool
-        self.reference_net(condition.reference_latent, timesteps, condition.background_tokens)
+        dtype = self.reference_net.dtype  # fp32 latents in, the network's own dtype (autocast may lower it)
+        self.reference_net(
+            condition.reference_latent.to(dtype), timesteps, condition.background_tokens.to(dtype)
+        )
 
     def denoise(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition, driven: torch.Tensor
     ) -> torch.Tensor:
-        """noisy (B, F, 4, h, w), driven (B, F, 4, h, w) -> prediction (B, F, 4, h, w); needs a filled bank."""
-        num_frames = noisy.shape[1]
-        per_frame = [condition.reference_latent, condition.background_latent]
-        per_frame = [x[:, None].expand(-1, num_frames, -1, -1, -1) for x in per_frame]
-        sample = torch.cat([noisy, *per_frame, driven.to(noisy.dtype)], dim=2)  # (B, F, 13, h, w)
-        tokens = condition.background_tokens.repeat_interleave(num_frames, dim=0)  # (B*F, T, D)
-        out = self.denoiser(sample.transpose(1, 2), timesteps, tokens).sample  # (B, 4, F, h, w)
-        return out.transpose(1, 2)
+        """noisy (B, F, 4, h, w), driven (B, F, 4, h, w) -> prediction (B, F, 4, h, w); needs a filled bank.
 
-    def forward(self, batch: MegActorBatch, generator: torch.Generator | None = None) -> MegActorOutput:
-        """One training step's model part: noise the target latents and predict the noise."""
+        The prediction comes back in float32 whatever precision the denoiser ran in (its parameters' dtype
+        or the caller's autocast): the loss and the DDIM arithmetic that read it stay in float32.
+        """
+        num_frames = noisy.shape[1]
+        dtype = self.denoiser.dtype
+        per_frame = [condition.reference_latent, condition.background_latent]
+        per_frame = [x[:, None].expand(-1, num_frames, -1, -1, -1).to(dtype) for x in per_frame]
+        sample = torch.cat([noisy.to(dtype), *per_frame, driven.to(dtype)], dim=2)  # (B, F, 13, h, w)
+        tokens = condition.background_tokens.to(dtype).repeat_interleave(num_frames, dim=0)  # (B*F, T, D)
+        out = self.denoiser(sample.transpose(1, 2), timesteps, tokens).sample  # (B, 4, F, h, w)
+        return out.transpose(1, 2).float()
+
+    def forward(
+        self,
+        batch: MegActorBatch,
+        generator: torch.Generator | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> MegActorOutput:
+        """One training step's model part: noise the target latents and predict the noise (or v).
+
+        `timesteps` (B,) fixes the noise levels (held-out validation); by default they are drawn. The
+        latents, the noise, the noising, the target and the returned prediction are float32 even under
+        the caller's bf16 autocast, which only reaches the networks: in bf16 the noise level at t = 0
+        and 1 rounds to exactly 0 and only 14 distinct levels remain below t = 50.
+        """
         latents = (
             batch.target_latents if batch.target_latents is not None else self.encode_frames(batch.target)
         )
@@ -203,20 +235,23 @@ class MegActor(nn.Module):
         def rand(*shape: int) -> torch.Tensor:
             return torch.rand(shape, generator=generator, device=device)
 
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        offset = torch.randn(batch_size, 1, latents.shape[2], 1, 1, generator=generator, device=device)
-        noise = noise + self.config.noise_offset * offset.to(latents.dtype)  # (B, F, 4, h, w)
-        timesteps = (rand(batch_size) * self.config.num_train_timesteps).long()  # (B,)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(device.type, enabled=False):
+            latents = latents.float()
+            noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
+            offset = torch.randn(batch_size, 1, latents.shape[2], 1, 1, generator=generator, device=device)
+            noise = noise + self.config.noise_offset * offset  # (B, F, 4, h, w)
+            drawn = (rand(batch_size) * self.config.num_train_timesteps).long()  # (B,), drawn either way
+            timesteps = drawn if timesteps is None else timesteps.to(device=device, dtype=torch.long)
+            noisy = self.scheduler.add_noise(latents, noise, timesteps)  # casts alpha_bar to fp32 latents
+            if self.config.prediction_type == "epsilon":
+                target = noise
+            else:
+                target = self.scheduler.get_velocity(latents, noise, timesteps)
         keep = rand(batch_size) >= (self.config.reference_dropout if self.training else 0.0)  # (B,) bool
 
         driven = self.driven_encoder(batch.driving, batch.reference if self.config.driven_ada else None)
         self.write_reference(condition, timesteps, keep)
-        prediction = self.denoise(noisy, timesteps, condition, driven)
-        if self.config.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        prediction = self.denoise(noisy, timesteps, condition, driven)  # float32
         return MegActorOutput(prediction, target, timesteps, keep)
 
     # --- training sets -----------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ def mask_faces(
     weights_dir: str | Path | None = None,
     model: str = "parsenet",
     device: str = "cpu",
+    input_size: int = 512,
 ) -> np.ndarray:
     """Black out every non-face pixel of the driving frames (training sees face-masked driving video).
 
@@ -57,7 +58,7 @@ def mask_faces(
         raise ValueError("face_mask=facexlib needs the face-parsing weights folder (face_weights=DIR)")
     from pipeline.stages.face_mask import FaceMaskStage  # torch-heavy; only when asked for
 
-    stage = FaceMaskStage(str(weights_dir), model=model, device=device)
+    stage = FaceMaskStage(str(weights_dir), model=model, device=device, input_size=input_size)
     mask = stage.process({"frames": frames, "face_boxes": ""})["face_mask"]  # (T, R, R) bool
     return np.where(mask[..., None], frames, 0).astype(np.uint8)
 
@@ -69,10 +70,36 @@ def prepare_driving(
     face_weights: str | Path | None = None,
     face_model: str = "parsenet",
     device: str = "cpu",
+    parsing_size: int = 512,
 ) -> torch.Tensor:
     """Driving video uint8 (T, H, W, 3) -> (T, 3, R, R) in [-1, 1]: square, face-masked, grayscale."""
     square = square_resize(frames, resolution)
-    return to_model_pixels(grayscale3(mask_faces(square, face_mask, face_weights, face_model, device)))
+    masked = mask_faces(square, face_mask, face_weights, face_model, device, parsing_size)
+    return to_model_pixels(grayscale3(masked))
+
+
+def foreground_background_mask(
+    reference: np.ndarray,
+    weights_dir: str | Path | None,
+    backend: str = "auto",
+    parsing_model: str = "parsenet",
+    device: str = "cpu",
+    input_size: int = 512,
+) -> torch.Tensor:
+    """uint8 (R, R, 3) square reference -> background mask (1, R, R), 1 = background.
+
+    Runs the shard builder's own foreground stage (DensePose where detectron2 is installed, else the
+    non-background face-parsing labels), so CLIP sees the same blacked-out person it saw in training.
+    """
+    if weights_dir is None:
+        raise ValueError("ref_mask=foreground needs the annotator weights folder (face_weights=DIR)")
+    from pipeline.stages.foreground import ForegroundStage  # torch-heavy; only when asked for
+
+    stage = ForegroundStage(
+        str(weights_dir), backend=backend, parsing_model=parsing_model, input_size=input_size, device=device
+    )
+    person = stage.process({"frames": reference[None]})["fg_mask"][0]  # (R, R) bool
+    return torch.from_numpy(~person).float()[None]
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -44,7 +44,13 @@ def _repeat(condition: Condition, n: int) -> Condition:
 
 class MegActorPipeline:
     """Sampling with a trained MegActor. The unconditional branch of guidance drops reference attention
-    (and keeps every other input), the branch reference dropout trains."""
+    (and keeps every other input), the branch reference dropout trains.
+
+    The sampler is the model's own schedule (`build_scheduler(model.config)`: prediction type, spacing,
+    zero terminal SNR), so `model.animate` and the trainer's validation videos sample exactly what the
+    model was trained for. The networks run in their parameters' dtype (or the caller's autocast); the
+    latents, the guidance combination and every DDIM step stay float32.
+    """
 
     def __init__(self, model: MegActor) -> None:
         self.model = model
@@ -82,17 +88,17 @@ class MegActorPipeline:
 
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
         shape = (1, *driven.shape[1:2], *condition.reference_latent.shape[1:])  # (1, F, 4, h, w)
-        latents = torch.randn(shape, generator=generator).to(device, dtype) * self.scheduler.init_noise_sigma
+        latents = torch.randn(shape, generator=generator).to(device) * self.scheduler.init_noise_sigma  # fp32
         self.scheduler.set_timesteps(cfg.num_inference_steps, device=device)
         for t in tqdm(self.scheduler.timesteps, desc="denoising", disable=not cfg.progress):
             timesteps = t.expand(branches)
             model.write_reference(condition, timesteps, keep)  # once per step, read by every window
             total = torch.zeros_like(latents)
-            counts = torch.zeros(1, latents.shape[1], 1, 1, 1, device=device, dtype=dtype)
+            counts = torch.zeros(1, latents.shape[1], 1, 1, 1, device=device)
             for frames in windows:
                 window = slice(frames.start, frames.stop)
                 noisy = latents[:, window].expand(branches, -1, -1, -1, -1)
-                out = model.denoise(
+                out = model.denoise(  # float32 whatever the networks ran in
                     noisy, timesteps, condition, driven[:, window].expand(branches, -1, -1, -1, -1)
                 )
                 if guided:
@@ -100,8 +106,9 @@ class MegActorPipeline:
                     out = uncond + cfg.guidance_scale * (cond - uncond)
                 total[:, window] += out
                 counts[:, window] += 1
-            latents = self.scheduler.step(
-                total / counts, t, latents, eta=cfg.eta, generator=generator
-            ).prev_sample
+            with torch.autocast(device.type, enabled=False):  # DDIM in float32 even under bf16 autocast
+                latents = self.scheduler.step(
+                    total / counts, t, latents, eta=cfg.eta, generator=generator
+                ).prev_sample
         model.bank.clear()
         return model.decode_latents(latents)[0]

@@ -52,7 +52,9 @@ def test_cli_writes_a_playable_video_of_the_right_length(tiny_weights, tmp_path)
     driving.write_bytes(encode_mp4(frames, 24))
     out = tmp_path / "out" / "anim.mp4"
     args = ["--ref", str(ref), "--driving", str(driving), "--weights", str(tiny_weights), "--out", str(out)]
-    animate([*args, "resolution=64", *[f"{k}={v}" for k, v in FAST.items()], "max_frames=7"])
+    # the inputs as given: the default face-mask / foreground stages are tested in test_animate_inputs.py
+    settings = ["resolution=64", "max_frames=7", "face_mask=none", "ref_mask=none"]
+    animate([*args, *settings, *[f"{k}={v}" for k, v in FAST.items()]])
     info = probe_video(out)
     assert (info.num_frames, info.width, info.height, info.fps) == (7, 64, 64, 24)
     assert read_video_frames(out).shape == (7, 64, 64, 3)
