@@ -20,7 +20,7 @@ from train.loop import (
     diffusion_loss,
     evaluation_loss,
     latest_checkpoint,
-    load_model_weights,
+    load_training_model,
     load_optimizer_state,
     make_lr_scheduler,
     make_optimizer,
@@ -94,7 +94,7 @@ def test_a_resumed_step_equals_the_uninterrupted_one(tiny_model_weights: Path, t
     )
 
     fresh, fresh_params, fresh_optimizer, fresh_scheduler = setup(tiny_model_weights, config)
-    load_model_weights(fresh, tmp_path / "ckpt")
+    fresh.load_state_dict(load_training_model(tiny_model_weights, tmp_path / "ckpt", {}).state_dict())
     restored = load_optimizer_state(fresh, fresh_optimizer, fresh_scheduler, tmp_path / "ckpt")
     assert (restored.step, restored.samples_seen) == (2, 4)
     got = train_step(fresh, random_batch(2), fresh_optimizer, fresh_scheduler, fresh_params, config,
