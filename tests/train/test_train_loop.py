@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from shard_helpers import write_synthetic_shards
 
 from model.config import MegActorConfig
 from model.loading import SAVED_MODULES, build_megactor, save_checkpoint
@@ -36,7 +37,7 @@ from train.loop import (
     train_step,
     trainable,
 )
-from train.ray_train import build_model
+from train.ray_train import build_model, held_out_batch
 
 CPU = torch.device("cpu")
 TINY = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny.yaml"
@@ -226,3 +227,19 @@ def test_ema_survives_a_checkpoint_round_trip_exactly(tiny_model_weights: Path, 
         e.step(p)
     for c, d in zip(ema.shadow_params, fresh_ema.shadow_params, strict=True):
         assert torch.allclose(c, d, atol=1e-6)
+
+
+def test_validation_reads_held_out_clips_or_warns_and_skips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_synthetic_shards(tmp_path, samples=2, shards=1, frames=20, split="train")
+    config = tiny_config(**{"data.root": tmp_path, "validation.samples": 2})
+    with caplog.at_level("WARNING", logger="train"):
+        assert held_out_batch(config, rank=0) is None
+    assert "held-out validation (loss and video) skipped" in caplog.text and "'val'" in caplog.text
+    write_synthetic_shards(tmp_path, samples=1, shards=1, frames=20, split="val", first=5)
+    batch = held_out_batch(config, rank=0)
+    assert batch is not None and batch["key"] == [
+        "synthetic__clip05__s000"
+    ]  # the one held-out clip, no train clip
+    assert batch["target"].shape[1] == config.data.num_frames
