@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from ray_helpers import PYTHON, RAY, REPO, kill_tree, loopback_head
 from safetensors.torch import load_file
 from shard_helpers import write_synthetic_shards
@@ -156,13 +157,14 @@ def test_stage_2_through_ray_job_submit_then_relaunched_keeps_stage_1s_model(
 
 
 def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path: Path) -> None:
-    """Two CPU workers, the same data and noise: FSDP2's sharded step gives DDP's losses and weights."""
+    """Two CPU workers, the same data and noise: FSDP2's sharded step gives DDP's losses and weights, and
+    its sharded EMA gives DDP's exported average."""
     runs = {}
     for strategy in ("ddp", "fsdp"):
         overrides = [
             f"data.root={demo_out}", f"storage_path={tmp_path}", f"name={strategy}", f"strategy={strategy}",
             "num_workers=2", "cpus_per_worker=0.5", "max_steps=2", "checkpoint_every=2", "validation.every=0",
-            "progress=false", f"model.weights_dir={tiny_model_weights}",
+            "progress=false", f"model.weights_dir={tiny_model_weights}", "ema.enabled=true",
         ]  # fmt: skip
         result = subprocess.run(
             [PYTHON, "jobs/stage1.py", "--config", TINY, *overrides], cwd=REPO, capture_output=True, text=True,
@@ -171,9 +173,11 @@ def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         run_dir = tmp_path / strategy
         losses = [line["loss"] for line in read_step_log(run_dir) if "loss" in line]
-        weights = load_file(str(latest_checkpoint(run_dir) / MODEL_DIR / "model.safetensors"))
-        runs[strategy] = (losses, weights)
-    (ddp_losses, ddp), (fsdp_losses, fsdp) = runs["ddp"], runs["fsdp"]
+        final = latest_checkpoint(run_dir)
+        weights = load_file(str(final / TRAIN_WEIGHTS_FILE))  # the optimiser's own
+        averaged = load_file(str(final / MODEL_DIR / "model.safetensors"))  # the exported EMA
+        runs[strategy] = (losses, weights, averaged)
+    (ddp_losses, ddp, ddp_ema), (fsdp_losses, fsdp, fsdp_ema) = runs["ddp"], runs["fsdp"]
     initial = load_file(str(tiny_model_weights / "megactor" / "model.safetensors"))
     assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-4)
     for prefix in ("reference_net.", "denoiser.", "driven_encoder."):  # every trained module moved
@@ -181,3 +185,5 @@ def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path
         assert moved > 5e-5, f"{prefix} did not train under FSDP"
     # AdamW moves each weight by at most lr x steps = 2e-4; the runs differ only by reduction order.
     assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in ddp) < 1e-4
+    assert max(float((fsdp_ema[k] - ddp_ema[k]).abs().max()) for k in ddp) < 1e-4
+    assert sum(not torch.equal(fsdp_ema[k], fsdp[k]) for k in fsdp) > len(fsdp) // 2  # the average lags
