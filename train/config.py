@@ -50,12 +50,37 @@ class OptimConfig:
 
 @dataclass
 class ValidationConfig:
-    """The short video rank 0 renders every `every` steps with the sampling pipeline."""
+    """Held-out validation: a loss with fixed noise and timesteps every `loss_every` steps, and a short video
+    rank 0 renders every `every` steps with the sampling pipeline, both on held-out clips."""
 
-    every: int = 2000  # 0 = never
+    every: int = 2000  # video; 0 = never
+    loss_every: int = 500  # 0 = never
+    split: str = "val"  # the shards' split the held-out clips come from
+    shards: str | None = None  # relative to data.root (or absolute); None: data.shards
+    samples: int = 2  # held-out clips in the fixed validation batch (the video animates the first)
+    loss_repeats: int = 4  # fixed noise draws per loss evaluation
     num_inference_steps: int = 25
     guidance_scale: float = 4.5
     seed: int = 0
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trainable weights (train/ema.py): validated and exported."""
+
+    enabled: bool = False
+    decay: float = 0.9999  # the ceiling; early steps use a lower decay (see warmup)
+    # diffusers' warm-up: decay = 1 - (1 + step) ** -power, so the average is not dominated by the starting
+    # weights; without it decay = min(decay, (1 + step) / (10 + step)).
+    warmup: bool = True
+    power: float = 2 / 3
+    update_after_step: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"ema.decay: expected 0 < decay < 1, got {self.decay}")
+        if self.update_after_step < 0:
+            raise ValueError(f"ema.update_after_step: expected >= 0, got {self.update_after_step}")
 
 
 @dataclass
@@ -79,6 +104,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def validate(self) -> None:
         choices = {"stage": STAGES, "strategy": STRATEGIES, "mixed_precision": PRECISIONS}
@@ -88,6 +114,8 @@ class TrainConfig:
         for key in ("max_steps", "checkpoint_every", "num_workers", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)}")
+        if self.validation.samples < 1 or self.validation.loss_repeats < 1:
+            raise ValueError("validation.samples and validation.loss_repeats: expected >= 1")
         if self.data.steps_per_epoch < 1 or self.data.batch_size < 1:
             raise ValueError("data.steps_per_epoch and data.batch_size: expected >= 1")
         if self.model.profile not in ("tiny", "full"):

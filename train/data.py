@@ -9,9 +9,10 @@ epoch's end. A sample decodes only the frames it needs (pipeline.video.IndexedVi
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 STAT_NAMES = ("bad_samples", "too_short", "missing_member", "samples")
 REFERENCE_DRAWS = 4  # tries for a reference frame brighter than min_reference_luma, then the brightest
 MAX_FAILURES_IN_A_ROW = 1000  # a stream that only fails is a broken configuration, not bad luck
+SPLITS = ("train", "val", "test")
+# Where the reference frame comes from: "segment" = any frame of the clip segment (default, see the README),
+# "window" = one of the num_frames window frames, the other num_frames - 1 being the targets (the paper).
+REFERENCE_SOURCES = ("segment", "window")
+UNSPLIT = "train"  # shards written before samples had a split: all of them were training data
 
 
 @dataclass
@@ -48,6 +54,8 @@ class DataConfig:
 
     root: str = "out/vfhq"  # the shard builder's output folder
     shards: str = "shards"  # relative to root (or absolute): a folder of committed shards, or a glob
+    split: str = "train"  # only shards whose stats say this split (shards are split-pure)
+    reference: str = "segment"  # REFERENCE_SOURCES
     num_frames: int = 16
     stride: int = 2  # stage 1: 2, stage 2: 12
     resolution: int = 512  # frames are resized to this when the shards hold another size
@@ -69,6 +77,14 @@ class DataConfig:
             raise ValueError(
                 f"data.num_workers / data.shuffle_buffer: expected >= 0, got {self.num_workers} / {self.shuffle_buffer}"
             )
+        if self.split not in SPLITS:
+            raise ValueError(f"data.split: expected one of {SPLITS}, got {self.split!r}")
+        if self.reference not in REFERENCE_SOURCES:
+            raise ValueError(f"data.reference: expected one of {REFERENCE_SOURCES}, got {self.reference!r}")
+        if self.reference == "window" and self.num_frames < 2:
+            raise ValueError(
+                "data.reference=window: expected num_frames >= 2 (one reference, the rest targets)"
+            )
         for name in ("scale_jitter", "aspect_jitter"):
             bounds = [float(v) for v in getattr(self, name)]
             if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
@@ -89,8 +105,30 @@ class SampleSkipped(Exception):
         self.reason = reason
 
 
+class NoShards(FileNotFoundError):
+    """No committed shard of the asked split (e.g. a shard set without held-out clips)."""
+
+
+_warned_unsplit: set[str] = set()
+
+
+def shard_split(stats_path: Path) -> str:
+    """The split a shard holds, from its stats marker; shards written before splits existed count as train."""
+    split = json.loads(stats_path.read_text()).get("split")
+    if split is None:
+        folder = str(stats_path.parent)
+        if folder not in _warned_unsplit:  # once per folder
+            _warned_unsplit.add(folder)
+            log.warning("shards in %s have no split in their stats: all are read as %r", folder, UNSPLIT)
+        return UNSPLIT
+    return str(split)
+
+
 def list_shards(config: DataConfig) -> list[str]:
-    """Committed shards (those with a stats file: the writer's commit marker), sorted."""
+    """Committed shards (those with a stats file: the writer's commit marker) of config.split, sorted.
+
+    Only each shard's small stats json is read, never another split's tar.
+    """
     location = Path(config.shards)
     if not location.is_absolute():
         location = Path(config.root) / location
@@ -101,16 +139,44 @@ def list_shards(config: DataConfig) -> list[str]:
             raise FileNotFoundError(f"shard folder {location} does not exist (data.root / data.shards)")
         candidates = sorted(location.glob("*.tar"))
     tars = [p for p in candidates if p.suffix == ".tar"]
-    committed = [str(p) for p in tars if p.with_name(p.name[: -len(".tar")] + STATS_SUFFIX).exists()]
+    markers = {p: p.with_name(p.name[: -len(".tar")] + STATS_SUFFIX) for p in tars}
+    committed = [p for p in tars if markers[p].exists()]
     if not committed:
         raise FileNotFoundError(
             f"no committed shards in {location}: found {len(tars)} .tar files, none with a {STATS_SUFFIX} marker"
         )
-    return committed
+    splits = {p: shard_split(markers[p]) for p in committed}
+    chosen = [str(p) for p in committed if splits[p] == config.split]
+    if not chosen:
+        found = sorted(set(splits.values()))
+        raise NoShards(f"no {config.split!r} shards in {location}: its {len(committed)} shards hold {found}")
+    return chosen
 
 
 def _mean_luma(frame: np.ndarray) -> float:
     return float(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).mean())
+
+
+def _bright_reference(
+    rng: random.Random,
+    count: int,
+    first: int,
+    frame: np.ndarray,
+    read: Callable[[int], np.ndarray],
+    min_luma: float,
+) -> tuple[int, np.ndarray]:
+    """(index, frame) of the reference: redrawn among `count` frames while darker than min_luma, up to
+    REFERENCE_DRAWS draws in all, the brightest one kept."""
+    index, luma = first, _mean_luma(frame)
+    for _ in range(REFERENCE_DRAWS - 1):
+        if luma >= min_luma:
+            break
+        candidate = rng.randrange(count)
+        other = read(candidate)
+        other_luma = _mean_luma(other)
+        if other_luma > luma:
+            index, frame, luma = candidate, other, other_luma
+    return index, frame
 
 
 def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -> dict[str, Any]:
@@ -141,18 +207,22 @@ def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -
     with IndexedVideo(raw[REAL]) as real:
         if real.num_frames != length:
             raise ValueError(f"{key}: {REAL} holds {real.num_frames} frames, its json says {length}")
-        reference_index = rng.randrange(length)
-        frames = real.read([*indices, reference_index])  # one pass; a far reference costs one more seek
-        target, reference = frames[:-1], frames[-1]
-        luma = _mean_luma(reference)
-        for _ in range(REFERENCE_DRAWS - 1):
-            if luma >= config.min_reference_luma:
-                break
-            candidate = rng.randrange(length)
-            frame = real.read([candidate])[0]
-            frame_luma = _mean_luma(frame)
-            if frame_luma > luma:
-                reference, reference_index, luma = frame, candidate, frame_luma
+        if config.reference == "window":  # one window frame is the reference, the others the targets
+            frames = real.read(indices)
+            first = rng.randrange(len(indices))
+            position, reference = _bright_reference(
+                rng, len(indices), first, frames[first], lambda k: frames[k], config.min_reference_luma
+            )
+            reference_index = indices[position]
+            target = np.delete(frames, position, axis=0)
+            indices = indices[:position] + indices[position + 1 :]
+        else:  # any frame of the segment
+            first = rng.randrange(length)
+            frames = real.read([*indices, first])  # one pass; a far reference costs one more seek
+            target = frames[:-1]
+            reference_index, reference = _bright_reference(
+                rng, length, first, frames[-1], lambda i: real.read([i])[0], config.min_reference_luma
+            )
     if driving_member == REAL:
         driving = target
     else:
@@ -398,7 +468,8 @@ def make_loader(
 ) -> EpochLoader:
     """The batches of one data epoch of one rank; the same (seed, epoch, rank, config) gives the same batches.
 
-    A batch: "reference" (B, 3, H, W), "driving" and "target" (B, F, 3, H, W), float32 in [-1, 1];
+    A batch: "reference" (B, 3, H, W), "driving" and "target" (B, F, 3, H, W), float32 in [-1, 1]
+    (F = num_frames, or num_frames - 1 with reference=window);
     "background_mask" (B, 1, H, W) 1 = background of the reference frame; "key", "bucket" lists;
     "frame_indices" (B, F) and "reference_index" (B,) int64; "stats" {name: count} since the previous
     batch of the DataLoader worker that made it (sum them over batches, workers and ranks).
@@ -420,10 +491,11 @@ def make_loader(
     return EpochLoader(loader, config.steps_per_epoch)
 
 
-def fixed_batch(config: DataConfig, count: int, seed: int = 0) -> dict[str, Any]:
+def fixed_batch(config: DataConfig, count: int, seed: int = 0, allow_fewer: bool = False) -> dict[str, Any]:
     """The first `count` usable samples in sorted shard order as one batch, frames and jitter from Random(seed).
 
-    No resampling or shuffling: the same shards give the same batch (validation videos, learning tests).
+    No resampling or shuffling: the same shards give the same batch (validation, learning tests).
+    allow_fewer: a batch of the usable samples there are when fewer than `count` (at least one).
     """
     rng = random.Random(seed)
     stats = StreamStats(rank=0, log_every=config.log_every)
@@ -444,6 +516,8 @@ def fixed_batch(config: DataConfig, count: int, seed: int = 0) -> dict[str, Any]
         stats.succeeded()
         if len(samples) == count:
             return collate(samples, stats.take())
+    if allow_fewer and samples:
+        return collate(samples, stats.take())
     raise ValueError(
         f"fixed_batch: asked for {count} usable samples, the shards hold {len(samples)} ({stats.totals})"
     )

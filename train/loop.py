@@ -2,10 +2,15 @@
 
 A training checkpoint is a folder:
 
-    model/             config.json + model.safetensors: a MegActor checkpoint (animate / stage 2 read it)
-    optimizer.pt       AdamW state keyed by parameter name (torch.load(weights_only=True) reads it)
-    train_state.json   step, samples seen, data seed / epoch / offset, LR scheduler state
-    train_config.json  the TrainConfig that wrote it
+    model/                     config.json + model.safetensors: the exported MegActor checkpoint
+                               (animate / stage 2 read it); with EMA on, the averaged weights
+    train_weights.safetensors  with EMA on only: the optimiser's own weights of the trainable parameters
+    optimizer.pt               AdamW state keyed by parameter name (torch.load(weights_only=True) reads it)
+    train_state.json           step, samples seen, data seed / epoch / offset, LR scheduler and EMA counters
+    train_config.json          the TrainConfig that wrote it
+
+A resume rebuilds the model from model/config.json (not from the stage YAML), so a relaunch or a
+max_failures restart trains exactly the model the checkpoint holds.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,9 +39,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from model.loading import SAVED_MODULES, load_checkpoint, save_checkpoint
+from model.config import MegActorConfig
+from model.loading import CONFIG_FILE as MODEL_CONFIG_FILE
+from model.loading import SAVED_MODULES, build_megactor, load_checkpoint, save_checkpoint
 from model.megactor import MegActor, MegActorBatch
 from train.config import OptimConfig, TrainConfig
+from train.ema import ema_counters, ema_full_state, load_ema_state
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,10 @@ MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "train_config.json"
+TRAIN_WEIGHTS_FILE = "train_weights.safetensors"
+# Model settings that change memory or speed only: a relaunch may change them, all others come from the
+# checkpoint being resumed.
+RUNTIME_MODEL_FIELDS = ("gradient_checkpointing",)
 
 
 @dataclass
@@ -53,6 +68,7 @@ class TrainState:
     epoch: int = 0  # data epoch of the next step
     epoch_offset: int = 0  # batches of that epoch already used
     lr_scheduler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ema: dict[str, Any] = dataclasses.field(default_factory=dict)  # EMA counters; empty: no EMA saved
 
 
 def data_position(step: int, steps_per_epoch: int) -> tuple[int, int]:
@@ -60,10 +76,19 @@ def data_position(step: int, steps_per_epoch: int) -> tuple[int, int]:
     return divmod(step, steps_per_epoch)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 64-bit seed hashed from (seed, rank, step) by numpy's SeedSequence: distinct triples give
+    independent streams, where a linear formula (seed * a + rank * b + step) makes rank r at step s
+    replay rank 0 at step s + b * r."""
+    if min(seed, rank, step) < 0:
+        raise ValueError(f"step seed: expected non-negative seed, rank, step, got {seed}, {rank}, {step}")
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+
+
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
     """Noise, timesteps and reference dropout of one step depend only on (seed, rank, step), so a
     resumed run draws what the uninterrupted run would have drawn."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + rank * 1_009 + step)
+    return torch.Generator(device).manual_seed(step_seed(seed, rank, step))
 
 
 def to_model_batch(batch: dict[str, Any], device: torch.device) -> MegActorBatch:
@@ -76,6 +101,11 @@ def to_model_batch(batch: dict[str, Any], device: torch.device) -> MegActorBatch
         background_mask=move("background_mask"),
         target=move("target"),
     )
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters being trained, by name, in the order of model.parameters() (sharded under FSDP2)."""
+    return {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
@@ -218,16 +248,24 @@ def save_training_checkpoint(
     state: TrainState,
     config: TrainConfig,
     rank: int,
+    ema: EMAModel | None = None,
 ) -> None:
     """Every rank calls this (FSDP gathers full states collectively); rank 0 writes the files."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    averaged = ema_full_state(ema, list(trainable(model))) if ema is not None else None
     if rank != 0:
         return
     megactor = unwrap(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = {k: v for k, v in model_state.items() if k.startswith(SAVED_MODULES)}
+    state.ema = {}
+    if averaged is not None:  # export the average; keep the optimiser's own weights for a resume
+        own = {name: trained[name].contiguous() for name in averaged}
+        save_file(own, str(out_dir / TRAIN_WEIGHTS_FILE), metadata={"format": "megactor-train"})
+        trained = {**trained, **averaged}
+        state.ema = ema_counters(ema)
     save_checkpoint(megactor, out_dir / MODEL_DIR, state=trained)
     torch.save(optimizer_state, out_dir / OPTIMIZER_FILE)
     state.lr_scheduler = lr_scheduler.state_dict()
@@ -239,9 +277,51 @@ def read_train_state(checkpoint_dir: Path) -> TrainState:
     return TrainState(**json.loads((checkpoint_dir / STATE_FILE).read_text()))
 
 
-def load_model_weights(model: MegActor, checkpoint_dir: Path) -> None:
-    """Before wrapping: the trained modules of a training checkpoint into a freshly built model."""
+def resume_model_config(checkpoint_dir: Path, overrides: dict[str, Any]) -> MegActorConfig:
+    """The model config a training checkpoint was written with; of the current model.config overrides
+    only the RUNTIME_MODEL_FIELDS apply (the others would silently change the objective or the weights'
+    layout), and differing ones are named in a warning."""
+    saved = MegActorConfig.load(checkpoint_dir / MODEL_DIR / MODEL_CONFIG_FILE).to_dict()
+    ignored = {k: v for k, v in overrides.items() if k not in RUNTIME_MODEL_FIELDS and saved.get(k, v) != v}
+    if ignored:
+        kept = {k: saved.get(k) for k in ignored}
+        log.warning("resuming from %s: model.config %s ignored, the checkpoint's %s kept", checkpoint_dir,
+                    ignored, kept)  # fmt: skip
+    runtime = {k: overrides[k] for k in RUNTIME_MODEL_FIELDS if k in overrides}
+    return MegActorConfig.from_dict({**saved, **runtime})
+
+
+def load_training_model(weights_dir: Path, checkpoint_dir: Path, overrides: dict[str, Any]) -> MegActor:
+    """Before wrapping: the model a training checkpoint holds, with the optimiser's own weights (the
+    exported model/ holds the EMA average when EMA is on; load_ema_weights reads it back)."""
+    model = build_megactor(weights_dir, resume_model_config(checkpoint_dir, overrides))
     load_checkpoint(model, checkpoint_dir / MODEL_DIR)
+    own = checkpoint_dir / TRAIN_WEIGHTS_FILE
+    if own.is_file():
+        weights = load_file(str(own))
+        unknown = sorted(set(weights) - set(model.state_dict()))
+        if unknown:
+            raise ValueError(f"{own}: tensors {unknown[:5]} ({len(unknown)} in all) are not in the model")
+        model.load_state_dict(weights, strict=False)
+    return model
+
+
+def load_ema_weights(ema: EMAModel, model: nn.Module, checkpoint_dir: Path) -> bool:
+    """After wrapping: the average a checkpoint exported into `ema`; False (EMA restarts from the current
+    weights) when the checkpoint was written without EMA."""
+    state = read_train_state(checkpoint_dir)
+    if not state.ema or not (checkpoint_dir / TRAIN_WEIGHTS_FILE).is_file():
+        log.warning("%s holds no EMA: the average starts from the resumed weights", checkpoint_dir)
+        return False
+    names = list(trainable(model))
+    with safe_open(str(checkpoint_dir / MODEL_DIR / "model.safetensors"), "pt") as exported:
+        missing = sorted(set(names) - set(exported.keys()))
+        if missing:
+            raise ValueError(
+                f"{checkpoint_dir}: the exported model lacks averaged {missing[:5]} ({len(missing)})"
+            )
+        load_ema_state(ema, names, exported.get_tensor, state.ema)
+    return True
 
 
 def load_optimizer_state(
@@ -250,11 +330,21 @@ def load_optimizer_state(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     checkpoint_dir: Path,
 ) -> TrainState:
-    """After wrapping: optimiser and scheduler state; returns the run's position."""
-    optimizer_state = torch.load(checkpoint_dir / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(
-        model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
-    )
+    """After wrapping: optimiser and scheduler state; returns the run's position.
+
+    Host memory: only rank 0 reads optimizer.pt, memory-mapped (pages come from the file as they are
+    copied, no private copy of the whole state), and broadcasts it tensor by tensor; each rank keeps what
+    its optimiser holds. Loading it whole on every rank held world_size full AdamW states in host RAM
+    at once (benchmarks/resume_memory.py).
+    """
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    optimizer_state: dict[str, Any] = {}
+    if not distributed or dist.get_rank() == 0:
+        optimizer_state = torch.load(
+            checkpoint_dir / OPTIMIZER_FILE, map_location="cpu", weights_only=True, mmap=True
+        )
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     state = read_train_state(checkpoint_dir)
     lr_scheduler.load_state_dict(state.lr_scheduler)
     return state
@@ -298,6 +388,16 @@ def batches_after(loader: Iterator[dict[str, Any]], skip: int) -> Iterator[dict[
     for index, batch in enumerate(loader):
         if index >= skip:
             yield batch
+
+
+def sum_counts(counts: dict[str, int], names: tuple[str, ...], device: torch.device) -> dict[str, int]:
+    """Per-rank counts summed over all ranks (a collective: every rank calls it at the same step)."""
+    values = [int(counts.get(name, 0)) for name in names]
+    if not dist.is_initialized():
+        return dict(zip(names, values, strict=True))
+    tensor = torch.tensor(values, device=device, dtype=torch.int64)
+    dist.all_reduce(tensor)
+    return dict(zip(names, (int(v) for v in tensor.tolist()), strict=True))
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:

@@ -9,6 +9,7 @@ group from it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import ray
 import ray.train
 import torch
+from diffusers.training_utils import EMAModel
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm.auto import tqdm
@@ -32,21 +34,26 @@ from model.megactor import MegActor
 from pipeline.dag import init_ray
 from pipeline.weights import DEFAULT_TINY_DIR
 from train.config import ModelSection, TrainConfig
-from train.data import fixed_batch, make_loader
+from train.data import STAT_NAMES, NoShards, fixed_batch, make_loader
+from train.ema import averaged_weights, make_ema
 from train.loop import (
     TrainState,
     batches_after,
     data_position,
-    load_model_weights,
+    evaluation_loss,
+    load_ema_weights,
     load_optimizer_state,
+    load_training_model,
     make_lr_scheduler,
     make_optimizer,
     mean_across_ranks,
     resolve_init_checkpoint,
     save_training_checkpoint,
     step_generator,
+    sum_counts,
     to_model_batch,
     train_step,
+    trainable,
     unwrap,
     wrap_model,
 )
@@ -69,10 +76,13 @@ def model_weights_dir(section: ModelSection) -> Path:
     return Path(chosen)
 
 
-def build_model(config: TrainConfig, from_init: bool) -> MegActor:
-    """Stage 1: the pretrained components; stage 2 (init_from): a stage-1 checkpoint, config overrides on top."""
+def build_model(config: TrainConfig, resume_dir: Path | None = None) -> MegActor:
+    """Stage 1: the pretrained components; stage 2 (init_from): a stage-1 checkpoint, config overrides on top.
+    A resume (relaunch or max_failures restart) rebuilds exactly the model its checkpoint holds."""
     weights_dir = model_weights_dir(config.model)
-    if from_init and config.model.init_from:
+    if resume_dir is not None:
+        return load_training_model(weights_dir, resume_dir, config.model.config)
+    if config.model.init_from:
         return load_megactor(weights_dir, config.model.init_from, overrides=config.model.config)
     return build_megactor(weights_dir, config.megactor_config())
 
@@ -130,22 +140,37 @@ def train_worker(config_dict: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
     resume = ray.train.get_checkpoint()
     with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
-        model = build_model(config, from_init=resume is None)
-        if resume_dir:
-            load_model_weights(model, Path(resume_dir))
+        checkpoint = Path(resume_dir) if resume_dir else None
+        model = build_model(config, checkpoint)
         model.trainable_parameters(config.stage)  # sets requires_grad for the stage
         model.train()
         wrapped = wrap_model(model, config.strategy, device)
-        params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 swaps in sharded ones
+        params = list(trainable(wrapped).values())  # FSDP2 swaps in sharded ones
         optimizer = make_optimizer(params, config.optim)
         lr_scheduler = make_lr_scheduler(optimizer, config.optim.warmup_steps)
+        ema = make_ema(params, config.ema) if config.ema.enabled else None
         state = TrainState(seed=config.seed)
-        if resume_dir:
-            state = load_optimizer_state(wrapped, optimizer, lr_scheduler, Path(resume_dir))
+        if checkpoint is not None:
+            state = load_optimizer_state(wrapped, optimizer, lr_scheduler, checkpoint)
+            if ema is not None:
+                load_ema_weights(ema, wrapped, checkpoint)
             log.info(
                 "resumed at step %d (data epoch %d, batch %d)", state.step, state.epoch, state.epoch_offset
             )
-    run_loop(config, wrapped, params, optimizer, lr_scheduler, state, rank, world_size, device)
+    run_loop(config, wrapped, params, optimizer, lr_scheduler, state, rank, world_size, device, ema)
+
+
+def held_out_batch(config: TrainConfig, rank: int) -> dict[str, Any] | None:
+    """The fixed validation batch: the first usable clips of validation.split; None (with a warning) when
+    there are none, so a shard set without held-out clips trains without validation."""
+    section = config.validation
+    data = dataclasses.replace(config.data, split=section.split, shards=section.shards or config.data.shards)
+    try:
+        return fixed_batch(data, section.samples, seed=section.seed, allow_fewer=True)
+    except (NoShards, ValueError) as exc:
+        if rank == 0:
+            log.warning("held-out validation (loss and video) skipped: %s", exc)
+        return None
 
 
 def run_loop(
@@ -158,9 +183,15 @@ def run_loop(
     rank: int,
     world_size: int,
     device: torch.device,
+    ema: EMAModel | None = None,
 ) -> None:
     run_dir = _run_dir(config)
-    writer = step_log = validation_batch = None
+    writer = step_log = None
+    section = config.validation
+    # Every rank holds the held-out batch: the loss runs through the wrapped model (collective under FSDP).
+    wanted = section.loss_every > 0 or section.every > 0
+    held_out = held_out_batch(config, rank) if wanted else None
+    video = held_out is not None and section.every > 0 and config.strategy != "fsdp"
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -176,10 +207,8 @@ def run_loop(
             "world_size": world_size,
         }
         step_log.write(json.dumps(start) + "\n")
-        validate = config.validation.every > 0 and config.strategy != "fsdp"
-        if config.validation.every > 0 and not validate:
+        if section.every > 0 and config.strategy == "fsdp":
             log.warning("validation videos need the whole model on rank 0: skipped under FSDP")
-        validation_batch = fixed_batch(config.data, 1, seed=config.validation.seed) if validate else None
     progress = tqdm(total=config.max_steps, initial=state.step, desc=config.name,
                     disable=rank != 0 or not config.progress)  # fmt: skip
     data_counts: Counter[str] = Counter()
@@ -187,7 +216,26 @@ def run_loop(
 
     def save(out: Path) -> None:
         state.epoch, state.epoch_offset = data_position(state.step, config.data.steps_per_epoch)
-        save_training_checkpoint(out, model, optimizer, lr_scheduler, state, config, rank)
+        save_training_checkpoint(out, model, optimizer, lr_scheduler, state, config, rank, ema)
+
+    def validate() -> None:
+        """Held-out loss (fixed noise and timesteps) and video, with the EMA weights when EMA is on."""
+        loss_now = section.loss_every > 0 and state.step % section.loss_every == 0
+        video_now = video and rank == 0 and state.step % section.every == 0
+        if held_out is None or not (loss_now or video_now):
+            return
+        with averaged_weights(ema, params):
+            if loss_now:
+                loss = evaluation_loss(model, to_model_batch(held_out, device), seed=section.seed,
+                                       mixed_precision=config.mixed_precision, repeats=section.loss_repeats)  # fmt: skip
+                if writer is not None:
+                    writer.add_scalar("val/loss", loss, state.step)
+                    log.info("step %d: held-out loss %.4f (%d clips)", state.step, loss, len(held_out["key"]))
+            if video_now:
+                path = write_validation_video(unwrap(model), held_out, section, run_dir / "validation",
+                                              state.step)  # fmt: skip
+                log.info("step %d: validation video %s", state.step, path)
+        unwrap(model).train()  # sampling and the loss leave the model in eval mode
 
     while state.step < config.max_steps:
         epoch, offset = data_position(state.step, config.data.steps_per_epoch)
@@ -206,6 +254,8 @@ def run_loop(
                                  generator)  # fmt: skip
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"step {state.step + 1}: loss is {metrics['loss']}")
+            if ema is not None:
+                ema.step(params)
             state.step += 1
             state.samples_seen += len(batch["key"]) * world_size
             window.losses.append(metrics["loss"])
@@ -222,10 +272,11 @@ def run_loop(
             if log_now or save_now:
                 scalars = {**window.scalars(device), "lr": metrics["lr"]}
                 window.reset()
+                totals = sum_counts(data_counts, STAT_NAMES, device)  # every rank's loader, not rank 0's
                 if writer is not None:
                     for name, value in scalars.items():
                         writer.add_scalar(f"train/{name}", value, state.step)
-                    for name, value in data_counts.items():
+                    for name, value in totals.items():
                         writer.add_scalar(f"data/{name}", value, state.step)
                     progress.set_postfix(loss=f"{scalars['loss']:.4f}")
                 if save_now:  # report is a barrier with the controller: only with a checkpoint
@@ -236,22 +287,20 @@ def run_loop(
                         "epoch": epoch,
                     }
                     _report(report, save, state.step, rank)
-            if validation_batch is not None and state.step % config.validation.every == 0:
-                path = write_validation_video(unwrap(model), validation_batch, config.validation,
-                                              run_dir / "validation", state.step)  # fmt: skip
-                unwrap(model).train()  # sampling leaves the model in eval mode
-                log.info("step %d: validation video %s", state.step, path)
+            validate()
             if state.step >= config.max_steps:
                 break
     progress.close()
+    totals = sum_counts(data_counts, STAT_NAMES, device)
     if writer is not None:
         writer.close()
     if step_log is not None:
         step_log.close()
-    bad = {k: v for k, v in data_counts.items() if k != "samples" and v}
+    bad = {k: v for k, v in totals.items() if k != "samples" and v}
     log.info(
-        "done at step %d, %d samples seen; data problems: %s", state.step, state.samples_seen, bad or "none"
-    )
+        "done at step %d, %d samples seen; data problems over all ranks: %s",
+        state.step, state.samples_seen, bad or "none",
+    )  # fmt: skip
 
 
 def prepare(config: TrainConfig) -> TrainConfig:

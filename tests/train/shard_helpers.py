@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import contract
 from pipeline.video import EncodeSettings
-from pipeline.writer import encode_members, write_shard
+from pipeline.writer import STATS_SUFFIX, encode_members, write_shard
 
 CODE_BITS = 6
 BAND = 220
@@ -111,11 +111,15 @@ def write_synthetic_shards(
     size: int = 64,
     lengths: list[int] | None = None,
     buckets: tuple[str, ...] = ("real", "swap", "style"),
+    split: str | None = None,
+    first: int = 0,
 ) -> Path:
     """Write `samples` clips into `shards` committed shards under out_dir/shards; returns that folder.
 
     Sample i is in bucket buckets[i % len(buckets)] and has lengths[i] frames (default: frames - 2,
     frames, frames + 2 in turn). Use it as DataConfig(root=str(out_dir)) or DataConfig(shards=str(folder)).
+    split: written into the new shards' stats as the shard builder does (None: no split, as before
+    splits existed); first: the clip number of sample 0, so several calls can fill one folder.
     """
     if size % 16:
         raise ValueError(f"size must be a multiple of 16 (8 cells, even H.264 sizes), got {size}")
@@ -125,9 +129,13 @@ def write_synthetic_shards(
     folder = Path(out_dir) / "shards"
     folder.mkdir(parents=True, exist_ok=True)
     rows = [
-        encode_members(_row(i, buckets[i % len(buckets)], lengths[i], size), size, EncodeSettings())
+        encode_members(_row(first + i, buckets[i % len(buckets)], lengths[i], size), size, EncodeSettings())
         for i in range(samples)
     ]
+    before = set(folder.glob("*" + STATS_SUFFIX))
     for part in range(shards):
         write_shard(rows[part::shards], folder)
+    if split is not None:
+        for stats in set(folder.glob("*" + STATS_SUFFIX)) - before:
+            stats.write_text(json.dumps({**json.loads(stats.read_text()), "split": split}))
     return folder

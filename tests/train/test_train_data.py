@@ -26,7 +26,7 @@ from pipeline import contract
 from pipeline.video import EncodeSettings, IndexedVideo, encode_mp4, read_frames_at, read_video_frames
 from pipeline.writer import STATS_SUFFIX, TAR_MTIME
 from train.augment import Jitter, black_outside, jitter_frames, model_pixels
-from train.data import DataConfig, decode_sample, fixed_batch, list_shards, make_loader
+from train.data import DataConfig, NoShards, decode_sample, fixed_batch, list_shards, make_loader
 
 NO_JITTER = {"scale_jitter": [1.0, 1.0], "aspect_jitter": [1.0, 1.0]}
 
@@ -302,3 +302,48 @@ def test_a_dark_reference_is_redrawn(shards: Path) -> None:
 
     assert bright_share(0.0) < 0.65  # 18 of the first 38 frames have 3 or more bits set
     assert bright_share(threshold) > 0.85  # up to 4 draws: 1 - (20/38)^4 = 0.92
+
+
+def test_list_shards_keeps_the_split_asked_for(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_synthetic_shards(tmp_path, samples=2, shards=2, frames=20, split="train")
+    write_synthetic_shards(tmp_path, samples=1, shards=1, frames=20, split="val", first=10)
+    train, val = list_shards(config_for(folder)), list_shards(config_for(folder, split="val"))
+    assert (len(train), len(val)) == (2, 1) and not set(train) & set(val)
+    assert [s["__key__"] for s in wds.WebDataset(val[0], shardshuffle=False)] == [
+        contract.sample_key("synthetic", "clip10", 0)
+    ]
+    with pytest.raises(NoShards, match="'test'"):
+        list_shards(config_for(folder, split="test"))
+    legacy = write_synthetic_shards(tmp_path / "legacy", samples=1, shards=1, frames=20)  # no split in stats
+    with caplog.at_level("WARNING", logger="train.data"):
+        assert len(list_shards(config_for(legacy))) == 1
+    assert "no split" in caplog.text
+    with pytest.raises(NoShards):
+        list_shards(config_for(legacy, split="val"))
+
+
+def test_a_window_reference_is_one_of_the_window_frames(shards: Path) -> None:
+    """reference=window (the paper): one frame of the 8-frame window is the reference, the other 7 the
+    targets and driving frames; reference=segment draws it from the whole segment."""
+    config = config_for(shards, reference="window", **NO_JITTER)
+    rng = random.Random(0)
+    positions = set()
+    for raw in raw_samples(shards):
+        for _ in range(4):
+            sample = decode_sample(raw, config, rng)
+            indices, ref = sample["frame_indices"].tolist(), sample["reference_index"]
+            window = sorted([*indices, ref])
+            assert len(indices) == 7 and sample["target"].shape[0] == sample["driving"].shape[0] == 7
+            assert np.diff(window).tolist() == [3] * 7 and ref not in indices
+            positions.add(window.index(ref))
+            assert [read_code(f.numpy()) for f in sample["target"]] == indices
+            assert [read_code(f.numpy()) for f in sample["driving"]] == indices
+            assert read_code(sample["reference"].numpy()) == ref
+    assert len(positions) > 3  # drawn, not a fixed slot
+    segment = config_for(shards, **NO_JITTER)
+    outside = 0
+    for raw in raw_samples(shards):
+        sample = decode_sample(raw, segment, rng)
+        span = sample["frame_indices"].tolist()
+        outside += not span[0] <= sample["reference_index"] <= span[-1]
+    assert outside > 0

@@ -1,5 +1,5 @@
 """The trainer through its real entry points on the demo shards: a killed 2-worker run resumes, and
-`ray job submit` runs stage 2 to a checkpoint."""
+`ray job submit` runs stage 2 to a checkpoint, whose relaunch keeps stage 1's model settings."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from ray_helpers import PYTHON, RAY, REPO, kill_tree, loopback_head
 from safetensors.torch import load_file
+from shard_helpers import write_synthetic_shards
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from model.config import MegActorConfig
+from model.loading import build_megactor, save_checkpoint
 from train.config import load_train_config
 from train.data import make_loader
-from train.loop import MODEL_DIR, STATE_FILE, latest_checkpoint, read_train_state
+from train.loop import MODEL_DIR, STATE_FILE, TRAIN_WEIGHTS_FILE, latest_checkpoint, read_train_state
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +38,15 @@ def registered_steps(run_dir: Path) -> list[int]:
 
 def read_step_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line.strip()]
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of a TensorBoard scalar over every launch of a run (a later launch wins)."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return {}
+    return {event.step: event.value for event in events.Scalars(tag)}
 
 
 def test_a_killed_two_worker_run_resumes_its_steps_and_data_position(demo_out: Path, tmp_path: Path) -> None:
@@ -89,44 +103,68 @@ def test_a_killed_two_worker_run_resumes_its_steps_and_data_position(demo_out: P
     final = latest_checkpoint(run_dir)
     state = read_train_state(final)
     assert (state.step, state.samples_seen) == (8, 16)  # 2 workers x batch 1 x 8 steps
+    # The loader counts of this launch are both ranks' (one sample per batch, none skipped), not rank 0's.
+    assert tensorboard_scalars(run_dir, "data/samples")[8] == 2 * (8 - resumed_at)
     assert (state.epoch, state.epoch_offset) == (2, 2)
     assert (final / MODEL_DIR / "model.safetensors").is_file() and (final / STATE_FILE).is_file()
 
 
-def test_ray_job_submit_runs_tiny_stage_2_to_a_checkpoint(
+def test_stage_2_through_ray_job_submit_then_relaunched_keeps_stage_1s_model(
     demo_out: Path, tiny_model_weights: Path, tmp_path: Path
 ) -> None:
-    """`ray job submit --working-dir . -- python jobs/stage2.py ...` against a loopback head."""
+    """`ray job submit --working-dir . -- python jobs/stage2.py ...` against a loopback head, from a stage 1
+    trained with v-prediction, reference dropout 0.3 and the Ada branch; relaunched after its checkpoint,
+    it resumes that model (not the stage-2 YAML's) and ends at the planned step. EMA on; held-out
+    validation on a val shard."""
     storage = tmp_path / "train"
+    settings = {"prediction_type": "v_prediction", "reference_dropout": 0.3, "driven_ada": True}
+    save_checkpoint(build_megactor(tiny_model_weights, MegActorConfig(**settings)), tmp_path / "stage1")
+    held_out = write_synthetic_shards(tmp_path / "val", samples=1, shards=1, frames=40, split="val")
+    args = [
+        "--config", "configs/train/tiny.yaml", f"data.root={demo_out}", f"storage_path={storage}",
+        "progress=false", f"model.weights_dir={tiny_model_weights}", f"model.init_from={tmp_path / 'stage1'}",
+        "ema.enabled=true", f"validation.shards={held_out}", "validation.loss_every=3", "validation.every=6",
+    ]  # fmt: skip
     with loopback_head(tmp_path / "head", 6393, 8273) as (address, env, temp_dir):
-        job = [
-            RAY, "job", "submit", "--address", address,
-            "--working-dir", ".", "--", "python", "jobs/stage2.py", "--config", "configs/train/tiny.yaml",
-            f"data.root={demo_out}", f"storage_path={storage}", "max_steps=3", "progress=false",
-            f"model.init_from={tiny_model_weights / 'megactor'}",
-        ]  # fmt: skip
+        job = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python",
+               "jobs/stage2.py", *args, "max_steps=3"]  # fmt: skip
         result = subprocess.run(job, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-4000:]
         assert "succeeded" in output
     # A stopped head must not stay recorded: a later ray.init() would try to join it.
     assert not (temp_dir / "ray_current_cluster").exists()
-    final = latest_checkpoint(storage / "stage2")
-    assert final is not None and read_train_state(final).step == 3
-    assert (final / MODEL_DIR / "model.safetensors").is_file()
+    run_dir = storage / "stage2"
+    assert read_train_state(latest_checkpoint(run_dir)).step == 3
+
+    relaunch = subprocess.run([PYTHON, "jobs/stage2.py", *args, "max_steps=6"], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+    assert relaunch.returncode == 0, (relaunch.stdout + relaunch.stderr)[-4000:]
+    starts = [line for line in read_step_log(run_dir) if line.get("event") == "start"]
+    assert [line["step"] for line in starts] == [0, 3]
+    final = latest_checkpoint(run_dir)
+    assert final is not None and read_train_state(final).step == 6
+    saved = json.loads((final / MODEL_DIR / "config.json").read_text())
+    assert {k: saved[k] for k in settings} == settings
+    assert any(
+        k.startswith("driven_encoder.ada.") for k in load_file(str(final / MODEL_DIR / "model.safetensors"))
+    )
+    assert (final / TRAIN_WEIGHTS_FILE).is_file() and read_train_state(final).ema["optimization_step"] == 6
     config = json.loads((final / "train_config.json").read_text())
     assert (config["data"]["stride"], config["data"]["shards"]) == (12, "gaze/shards")
-    assert list((storage / "stage2" / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(tensorboard_scalars(run_dir, "val/loss")) == [3, 6]
+    assert (run_dir / "validation" / "step_0000006.mp4").is_file()
 
 
 def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path: Path) -> None:
-    """Two CPU workers, the same data and noise: FSDP2's sharded step gives DDP's losses and weights."""
+    """Two CPU workers, the same data and noise: FSDP2's sharded step gives DDP's losses and weights, and
+    its sharded EMA gives DDP's exported average."""
     runs = {}
     for strategy in ("ddp", "fsdp"):
         overrides = [
             f"data.root={demo_out}", f"storage_path={tmp_path}", f"name={strategy}", f"strategy={strategy}",
             "num_workers=2", "cpus_per_worker=0.5", "max_steps=2", "checkpoint_every=2", "validation.every=0",
-            "progress=false", f"model.weights_dir={tiny_model_weights}",
+            "progress=false", f"model.weights_dir={tiny_model_weights}", "ema.enabled=true",
         ]  # fmt: skip
         result = subprocess.run(
             [PYTHON, "jobs/stage1.py", "--config", TINY, *overrides], cwd=REPO, capture_output=True, text=True,
@@ -135,9 +173,11 @@ def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         run_dir = tmp_path / strategy
         losses = [line["loss"] for line in read_step_log(run_dir) if "loss" in line]
-        weights = load_file(str(latest_checkpoint(run_dir) / MODEL_DIR / "model.safetensors"))
-        runs[strategy] = (losses, weights)
-    (ddp_losses, ddp), (fsdp_losses, fsdp) = runs["ddp"], runs["fsdp"]
+        final = latest_checkpoint(run_dir)
+        weights = load_file(str(final / TRAIN_WEIGHTS_FILE))  # the optimiser's own
+        averaged = load_file(str(final / MODEL_DIR / "model.safetensors"))  # the exported EMA
+        runs[strategy] = (losses, weights, averaged)
+    (ddp_losses, ddp, ddp_ema), (fsdp_losses, fsdp, fsdp_ema) = runs["ddp"], runs["fsdp"]
     initial = load_file(str(tiny_model_weights / "megactor" / "model.safetensors"))
     assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-4)
     for prefix in ("reference_net.", "denoiser.", "driven_encoder."):  # every trained module moved
@@ -145,3 +185,5 @@ def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path
         assert moved > 5e-5, f"{prefix} did not train under FSDP"
     # AdamW moves each weight by at most lr x steps = 2e-4; the runs differ only by reduction order.
     assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in ddp) < 1e-4
+    assert max(float((fsdp_ema[k] - ddp_ema[k]).abs().max()) for k in ddp) < 1e-4
+    assert sum(not torch.equal(fsdp_ema[k], fsdp[k]) for k in fsdp) > len(fsdp) // 2  # the average lags

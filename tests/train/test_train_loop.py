@@ -7,21 +7,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from shard_helpers import write_synthetic_shards
 
-from model.loading import build_megactor
+from model.config import MegActorConfig
+from model.loading import SAVED_MODULES, build_megactor, save_checkpoint
 from model.megactor import MegActorBatch
 from train.config import TrainConfig, load_train_config
+from train.ema import make_ema
 from train.loop import (
     CONFIG_FILE,
     MODEL_DIR,
     STATE_FILE,
+    TRAIN_WEIGHTS_FILE,
     TrainState,
     data_position,
     diffusion_loss,
     evaluation_loss,
     latest_checkpoint,
-    load_model_weights,
+    load_ema_weights,
     load_optimizer_state,
+    load_training_model,
     make_lr_scheduler,
     make_optimizer,
     min_snr_weights,
@@ -29,14 +35,17 @@ from train.loop import (
     save_training_checkpoint,
     step_generator,
     train_step,
+    trainable,
 )
+from train.ray_train import build_model, held_out_batch
 
 CPU = torch.device("cpu")
+TINY = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny.yaml"
 
 
-def tiny_config(**overrides: object) -> TrainConfig:
+def tiny_config(stage: str = "stage1", **overrides: object) -> TrainConfig:
     items = [f"{k}={v}" for k, v in overrides.items()]
-    return load_train_config("stage1", [Path("configs/train/tiny.yaml").resolve()], items)
+    return load_train_config(stage, [TINY], items)
 
 
 def random_batch(seed: int, batch: int = 2, frames: int = 3, size: int = 32) -> MegActorBatch:
@@ -94,7 +103,7 @@ def test_a_resumed_step_equals_the_uninterrupted_one(tiny_model_weights: Path, t
     )
 
     fresh, fresh_params, fresh_optimizer, fresh_scheduler = setup(tiny_model_weights, config)
-    load_model_weights(fresh, tmp_path / "ckpt")
+    fresh.load_state_dict(load_training_model(tiny_model_weights, tmp_path / "ckpt", {}).state_dict())
     restored = load_optimizer_state(fresh, fresh_optimizer, fresh_scheduler, tmp_path / "ckpt")
     assert (restored.step, restored.samples_seen) == (2, 4)
     got = train_step(fresh, random_batch(2), fresh_optimizer, fresh_scheduler, fresh_params, config,
@@ -140,3 +149,97 @@ def test_init_from_resolves_runs_checkpoints_and_model_folders(
     assert resolve_init_checkpoint(str(megactor), str(storage)) == megactor.resolve()
     with pytest.raises(FileNotFoundError, match="Train stage 1 first"):
         resolve_init_checkpoint("stage0", str(storage))
+
+
+def test_step_seeds_of_eight_ranks_never_collide() -> None:
+    """A linear seed formula makes rank r at step s replay another rank's step: 8 ranks x 1500 steps
+    must give 12,000 distinct seeds."""
+    seeds = {step_generator(3, rank, step, CPU).initial_seed() for rank in range(8) for step in range(1500)}
+    assert len(seeds) == 8 * 1500
+    assert step_generator(3, 1, 7, CPU).initial_seed() == step_generator(3, 1, 7, CPU).initial_seed()
+
+
+def test_stage_2_launch_and_relaunch_rebuild_stage_1s_model(tiny_model_weights: Path, tmp_path: Path) -> None:
+    """Stage 1 trained with v-prediction, reference dropout 0.3 and the Ada branch: stage 2's first launch
+    and its relaunch (or max_failures restart) both rebuild that model and load it key for key."""
+    settings = {"prediction_type": "v_prediction", "reference_dropout": 0.3, "driven_ada": True}
+    torch.manual_seed(0)
+    save_checkpoint(build_megactor(tiny_model_weights, MegActorConfig(**settings)), tmp_path / "stage1")
+    config = tiny_config(
+        "stage2", **{"model.weights_dir": tiny_model_weights, "model.init_from": tmp_path / "stage1"}
+    )
+    first = build_model(config)
+    params = list(first.trainable_parameters("stage2").values())
+    first.train()
+    optimizer = make_optimizer(params, config.optim)
+    scheduler = make_lr_scheduler(optimizer, 0)
+    train_step(first, random_batch(0), optimizer, scheduler, params, config, step_generator(0, 0, 0, CPU))
+    save_training_checkpoint(
+        tmp_path / "ckpt", first, optimizer, scheduler, TrainState(step=1), config, rank=0
+    )
+
+    resumed = build_model(config, tmp_path / "ckpt")
+    for model in (first, resumed):
+        assert {k: getattr(model.config, k) for k in settings} == settings
+        assert model.config.trainable["stage2"] == ["denoiser.*motion_modules.*", "driven_encoder.*"]
+    assert resumed.config == first.config
+    before, after = first.state_dict(), resumed.state_dict()
+    assert any(k.startswith("driven_encoder.ada.") for k in after)
+    for name in (k for k in before if k.startswith(SAVED_MODULES)):
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_ema_survives_a_checkpoint_round_trip_exactly(tiny_model_weights: Path, tmp_path: Path) -> None:
+    config = tiny_config(**{"ema.enabled": "true"})
+    model, params, optimizer, scheduler = setup(tiny_model_weights, config)
+    ema = make_ema(params, config.ema)
+    for step in range(3):
+        train_step(
+            model, random_batch(step), optimizer, scheduler, params, config, step_generator(0, 0, step, CPU)
+        )
+        ema.step(params)
+    save_training_checkpoint(
+        tmp_path / "ckpt", model, optimizer, scheduler, TrainState(step=3), config, 0, ema
+    )
+    names = list(trainable(model))
+    exported = load_file(str(tmp_path / "ckpt" / MODEL_DIR / "model.safetensors"))
+    own = load_file(str(tmp_path / "ckpt" / TRAIN_WEIGHTS_FILE))
+    for name, shadow, param in zip(names, ema.shadow_params, params, strict=True):
+        assert torch.equal(exported[name], shadow) and torch.equal(own[name], param.detach()), name
+    assert (
+        sum(not torch.equal(exported[n], own[n]) for n in names) > len(names) // 2
+    )  # the average moved less
+
+    fresh = load_training_model(tiny_model_weights, tmp_path / "ckpt", {})
+    fresh_params = list(fresh.trainable_parameters("stage1").values())
+    fresh.train()
+    fresh_optimizer = make_optimizer(fresh_params, config.optim)
+    fresh_scheduler = make_lr_scheduler(fresh_optimizer, 0)
+    fresh_ema = make_ema(fresh_params, config.ema)
+    load_optimizer_state(fresh, fresh_optimizer, fresh_scheduler, tmp_path / "ckpt")
+    assert load_ema_weights(fresh_ema, fresh, tmp_path / "ckpt")
+    assert fresh_ema.optimization_step == ema.optimization_step == 3
+    for a, b, c, d in zip(params, fresh_params, ema.shadow_params, fresh_ema.shadow_params, strict=True):
+        assert torch.equal(a, b) and torch.equal(c, d)
+    for m, p, o, s, e in ((model, params, optimizer, scheduler, ema),
+                          (fresh, fresh_params, fresh_optimizer, fresh_scheduler, fresh_ema)):  # fmt: skip
+        train_step(m, random_batch(3), o, s, p, config, step_generator(0, 0, 3, CPU))
+        e.step(p)
+    for c, d in zip(ema.shadow_params, fresh_ema.shadow_params, strict=True):
+        assert torch.allclose(c, d, atol=1e-6)
+
+
+def test_validation_reads_held_out_clips_or_warns_and_skips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_synthetic_shards(tmp_path, samples=2, shards=1, frames=20, split="train")
+    config = tiny_config(**{"data.root": tmp_path, "validation.samples": 2})
+    with caplog.at_level("WARNING", logger="train"):
+        assert held_out_batch(config, rank=0) is None
+    assert "held-out validation (loss and video) skipped" in caplog.text and "'val'" in caplog.text
+    write_synthetic_shards(tmp_path, samples=1, shards=1, frames=20, split="val", first=5)
+    batch = held_out_batch(config, rank=0)
+    assert batch is not None and batch["key"] == [
+        "synthetic__clip05__s000"
+    ]  # the one held-out clip, no train clip
+    assert batch["target"].shape[1] == config.data.num_frames

@@ -1,0 +1,116 @@
+"""Collectives of the trainer in two real gloo processes: loader counts summed over ranks, the optimiser
+state read by rank 0 alone, and the EMA of FSDP2-sharded weights gathered into a checkpoint and
+re-sharded from it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from train.config import EMAConfig
+from train.data import STAT_NAMES
+from train.ema import averaged_weights, ema_counters, ema_full_state, load_ema_state, make_ema
+from train.loop import OPTIMIZER_FILE, STATE_FILE, TrainState, load_optimizer_state, sum_counts
+
+WORLD = 2
+
+
+def _fsdp_ema_round_trip(rank: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _small_model()  # the same start on both ranks, as after a broadcast
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    names = [name for name, _ in model.named_parameters()]
+    params = list(model.parameters())
+    assert all(hasattr(p, "device_mesh") for p in params)  # sharded DTensors
+    ema = make_ema(params, EMAConfig(enabled=True, warmup=False))
+    for step in range(3):  # stand-in optimiser steps, identical on both ranks
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.full_like(p, 0.1 * (step + 1)))
+        ema.step(params)
+    saved = ema_full_state(ema, names)  # collective: full tensors on every rank
+    assert saved["0.weight"].shape == (10, 6)
+
+    with averaged_weights(ema, params):
+        inside = {n: p.full_tensor() for n, p in zip(names, params, strict=True)}
+    after = {n: p.full_tensor() for n, p in zip(names, params, strict=True)}
+    for name in names:
+        assert torch.equal(inside[name], saved[name])
+        assert not torch.equal(after[name], saved[name])  # the model's own weights came back
+
+    fresh = make_ema(params, EMAConfig(enabled=True, warmup=False))  # starts from the current weights
+    load_ema_state(fresh, names, saved.__getitem__, ema_counters(ema))
+    assert fresh.optimization_step == 3
+    for mine, theirs in zip(fresh.shadow_params, ema.shadow_params, strict=True):
+        assert torch.equal(mine.to_local(), theirs.to_local())  # this rank's shard, re-sharded exactly
+    assert all(torch.equal(saved[n], t) for n, t in ema_full_state(fresh, names).items())
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.SiLU(), nn.Linear(10, 3))
+
+
+def _write_optimizer_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """One AdamW step of the small model saved as the trainer saves it; returns its exp_avg by parameter."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = _small_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model(torch.randn(4, 6)).square().mean().backward()
+    optimizer.step()
+    scheduler.step()
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / OPTIMIZER_FILE)
+    (folder / STATE_FILE).write_text(
+        json.dumps(vars(TrainState(step=1, lr_scheduler=scheduler.state_dict())))
+    )
+    return {name: s["exp_avg"] for name, s in state["state"].items()}
+
+
+def _rank_0_reads_the_optimizer_state(rank: int, base: Path) -> None:
+    """Only rank 0's checkpoint folder holds optimizer.pt: every rank must still get the whole state."""
+    expected = _write_optimizer_checkpoint(base / "rank0") if rank == 0 else None
+    dist.barrier()
+    if rank == 1:  # the small json every rank reads, without optimizer.pt
+        (base / "rank1").mkdir(parents=True, exist_ok=True)
+        shutil.copy(base / "rank0" / STATE_FILE, base / "rank1" / STATE_FILE)
+    model = nn.parallel.DistributedDataParallel(_small_model())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    load_optimizer_state(model, optimizer, scheduler, base / f"rank{rank}")
+    names = [name for name, _ in model.module.named_parameters()]
+    got = {name: optimizer.state[p]["exp_avg"] for name, p in zip(names, model.parameters(), strict=True)}
+    shared = [expected] if rank == 0 else [None]
+    dist.broadcast_object_list(shared, src=0)
+    assert set(got) == set(shared[0])
+    assert all(torch.equal(got[n], shared[0][n]) for n in got)
+
+
+def _worker(rank: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        cpu = torch.device("cpu")
+        # Each rank's loader saw different data; the logged totals are the sums, on every rank.
+        counts = {"samples": 10 + rank, "too_short": rank, "bad_samples": 2 * rank}
+        assert sum_counts(counts, STAT_NAMES, cpu) == {
+            "bad_samples": 2, "too_short": 1, "missing_member": 0, "samples": 21,
+        }  # fmt: skip
+        _rank_0_reads_the_optimizer_state(rank, Path(init_file).parent / "optimizer")
+        _fsdp_ema_round_trip(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_counts_sum_over_ranks_rank_0_reads_the_optimizer_and_fsdp_ema_round_trips(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
