@@ -314,7 +314,11 @@ def test_list_shards_keeps_the_split_asked_for(tmp_path: Path, caplog: pytest.Lo
     ]
     with pytest.raises(NoShards, match="'test'"):
         list_shards(config_for(folder, split="test"))
-    legacy = write_synthetic_shards(tmp_path / "legacy", samples=1, shards=1, frames=20)  # no split in stats
+    legacy = write_synthetic_shards(tmp_path / "legacy", samples=1, shards=1, frames=20)
+    for stats_path in legacy.glob("*.stats.json"):  # a shard set written before splits existed
+        stats = json.loads(stats_path.read_text())
+        del stats["split"]
+        stats_path.write_text(json.dumps(stats))
     with caplog.at_level("WARNING", logger="train.data"):
         assert len(list_shards(config_for(legacy))) == 1
     assert "no split" in caplog.text

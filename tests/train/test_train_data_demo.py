@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import webdataset as wds
@@ -61,7 +62,8 @@ def check_batch(batch: dict, config: DataConfig) -> None:
 
 def test_stage1_batch_from_the_demo_shards(demo_out: Path) -> None:
     config = DataConfig(root=str(demo_out), num_frames=16, stride=2, resolution=256, **NO_JITTER)
-    every_sample = fixed_batch(config, 17)
+    index = pd.read_parquet(demo_out / "index.parquet")
+    every_sample = fixed_batch(config, int((index["split"] == "train").sum()))  # every train sample
     assert set(every_sample["bucket"]) == {"real", "swap", "style"}
     check_batch(every_sample, config)
     loader_config = DataConfig(
