@@ -282,7 +282,7 @@ def test_paste_back_follows_the_face_mask(stage, manifest):
     fallback = stage.process(rows(manifest)["a0"])["driving_frames"]
     inner = int(np.ceil(3 * stage.blend_feather * np.sqrt(masks[0].sum()))) + 1
     on_mask, square = (seam_energy(x, frames, masks, inner) for x in (out["driving_frames"], fallback))
-    assert on_mask < 0.5 * square, (on_mask, square)
+    assert on_mask < 0.7 * square, (on_mask, square)
 
 
 def test_without_a_face_mask_the_paste_back_is_insightfaces(stage, manifest):

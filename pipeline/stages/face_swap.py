@@ -476,17 +476,17 @@ def face_mask_alpha(
     shape = face_mask.shape
     inverse = cv2.invertAffineTransform(matrix)
     cover = cv2.warpAffine(np.ones((crop, crop), np.float32), inverse, (shape[1], shape[0])) > 0.999
-    area = float(face_mask.sum())
+    region = face_mask & cover
+    area = float(region.sum())
     if area < 16:
         return None
     sigma = max(feather * np.sqrt(area), 0.8)
-    # Keep the blur's reach (~3 sigma) inside the crop: outside it the warped face is black.
-    reach = int(np.ceil(3 * sigma)) + 1
-    inner = cv2.erode(cover.astype(np.uint8), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
-    region = (face_mask & inner.astype(bool)).astype(np.float32)
-    if region.sum() < 16:
-        return None
-    alpha = cv2.GaussianBlur(region, (0, 0), sigma) * cover
+    # Outside the crop the warped face is black: fade the weight out over 3 sigma inside the crop's
+    # edge. It matters only where the face is larger than the crop (forehead, chin); an erosion by
+    # the blur's reach instead would cut the cheeks and chin of a real 512² face with a box.
+    inside = cv2.distanceTransform(cover.astype(np.uint8), cv2.DIST_L2, 5)
+    fade = np.clip(inside / (3 * sigma), 0.0, 1.0)
+    alpha = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma) * fade
     return alpha.astype(np.float32)
 
 
