@@ -4,8 +4,13 @@ with the face of another identity drawn from the identity bank (pipeline/identit
 Which face is swapped: SCRFD runs on the whole (already face-centred) frame. Where the dataset gives
 a face box for the frame (VFHQ), the detection that overlaps that box most is used, and none when the
 best overlap is below `min_iou`; without dataset boxes (CelebV-HQ crops) insightface's own rule picks
-the largest, most central face. The detector's five landmarks align the face for INSwapper. A frame
-without a usable detection keeps its original pixels and is counted in the row's `extra` json.
+the largest, most central face. The detector's five landmarks align the face for INSwapper.
+
+No frame keeps the target's own face: frames without a usable detection take landmarks interpolated
+from their neighbours, the track is smoothed over time, and a clip whose face is missing too often
+is a failure row (`fill_face_track`). The swapped face is blended on the row's face parsing mask
+(`face_mask`, from the face_mask stage that runs before this one), feathered; insightface's square
+mask is the fallback (`face_mask_alpha`, `insightface_alpha`).
 
 The models load with insightface's own loaders from the real on-disk layout: `FaceAnalysis(name=<the
 buffalo_l folder>)` routes det_10g.onnx / w600k_r50.onnx, `model_zoo.get_model(inswapper_128.onnx)`
