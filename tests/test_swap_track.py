@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.stages.face_swap import FaceTrackError, fill_face_track
+from pipeline.stages.face_swap import FaceTrackError, face_masks, fill_face_track
 
 
 def track(num_frames: int, missing: list[int]) -> tuple[list, list, np.ndarray]:
@@ -52,3 +52,13 @@ def test_too_many_or_too_long_gaps_are_refused():
         fill_face_track(boxes, kpss, 0.5, 3, 1.0)
     with pytest.raises(FaceTrackError, match="no face detected in any of the 3 frames"):
         fill_face_track([None] * 3, [None] * 3, 0.99, 12, 1.0)
+
+
+def test_face_masks_are_read_from_the_row_when_the_face_mask_stage_ran():
+    frames_shape = (3, 16, 16)
+    assert face_masks({}, frames_shape) is None
+    assert face_masks({"face_mask": np.zeros((0, 1, 1), bool)}, frames_shape) is None  # stage not run
+    masks = np.zeros(frames_shape, bool)
+    assert face_masks({"face_mask": masks}, frames_shape) is not None
+    with pytest.raises(ValueError, match="face_mask has shape"):
+        face_masks({"face_mask": np.zeros((2, 16, 16), bool)}, frames_shape)
