@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -54,21 +55,51 @@ def load_identity_bank(path: Path) -> pd.DataFrame:
     return bank
 
 
-def choose_source_identity(
-    dataset: str, clip_id: str, own_identity: str, bank_identities: list[str], seed: int
-) -> str:
-    """The swap source of one clip: a hash of (dataset, clip_id, seed) over the other identities.
+def rendezvous_score(dataset: str, clip_id: str, seed: int, candidate: str) -> int:
+    """Highest-random-weight hash of (clip, candidate): salted so the draw is independent of the
+    bucket hash, which also hashes the clip id and seed."""
+    text = f"swap-source\0{dataset}\0{clip_id}\0{seed}\0{candidate}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
-    Every segment of a clip gets the same source; the clip's own identity is never drawn."""
-    candidates = sorted(set(bank_identities) - {own_identity})
-    if not candidates:
+
+def choose_source_identity(
+    dataset: str,
+    clip_id: str,
+    own_identity: str,
+    bank_identities: list[str],
+    seed: int,
+    embeddings: Mapping[str, np.ndarray] | None = None,
+    max_cosine: float = 1.0,
+) -> str:
+    """The swap source of one clip: of the other identities, the one maximising a hash of (clip,
+    candidate) (rendezvous hashing), so a bank that gains or loses an identity only moves the clips
+    that now pick (or had picked) that identity. Every segment of a clip gets the same source.
+
+    Labels are not people (CelebV-HQ labels are video ids; one celebrity has many): with `embeddings`
+    (normed ArcFace per identity) holding the clip's own identity, candidates whose cosine to it is
+    `max_cosine` or more are never drawn."""
+    others = sorted(set(bank_identities) - {own_identity})
+    if not others:
         raise ValueError(
             f"the identity bank has no identity other than {own_identity!r} "
             f"({len(set(bank_identities))} usable identities): cannot pick a swap source"
         )
-    # Salted so the draw is independent of the bucket hash, which also hashes the clip id and seed.
-    digest = hashlib.sha256(f"swap-source\0{dataset}\0{clip_id}\0{seed}".encode()).digest()
-    return candidates[int.from_bytes(digest[:8], "big") % len(candidates)]
+    candidates = others
+    target = None if embeddings is None else embeddings.get(own_identity)
+    if target is not None and max_cosine < 1.0:
+        candidates = [c for c in others if source_cosine(embeddings[c], target) < max_cosine]
+        if not candidates:
+            raise ValueError(
+                f"every other identity of the bank ({len(others)}) has an ArcFace cosine >= "
+                f"max_source_cosine={max_cosine} to {own_identity!r}: cannot pick a swap source"
+            )
+    return max(candidates, key=lambda c: (rendezvous_score(dataset, clip_id, seed, c), c))
+
+
+def source_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two ArcFace embeddings (the bank's `normed` are unit length; normalised again anyway)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
 
 
 def _head_of_segment(row: dict, window_frames: int) -> dict:

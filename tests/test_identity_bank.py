@@ -114,3 +114,55 @@ def test_choose_source_identity_needs_another_identity():
     with pytest.raises(ValueError, match="no identity other than"):
         choose_source_identity("vfhq", "clip", "solo", [], seed=0)
     assert choose_source_identity("vfhq", "clip", "solo", ["solo", "other"], seed=0) == "other"
+
+
+def _old_modulo_draw(clip_id: str, own: str, identities: list[str]) -> str:
+    """The draw before rendezvous hashing (sha256 % len(candidates)), kept here as the baseline."""
+    import hashlib
+
+    candidates = sorted(set(identities) - {own})
+    digest = hashlib.sha256(f"swap-source\0vfhq\0{clip_id}\0{0}".encode()).digest()
+    return candidates[int.from_bytes(digest[:8], "big") % len(candidates)]
+
+
+def test_a_new_identity_moves_only_the_clips_that_pick_it():
+    identities = [f"id{i:02d}" for i in range(50)]
+    grown = [*identities, "newcomer"]
+    clips = [(f"clip{n}", identities[n % 50]) for n in range(2000)]
+    before = [choose_source_identity("vfhq", c, own, identities, seed=0) for c, own in clips]
+    after = [choose_source_identity("vfhq", c, own, grown, seed=0) for c, own in clips]
+    moved = [new for old, new in zip(before, after, strict=True) if old != new]
+    assert moved and set(moved) == {"newcomer"}  # every clip that moved now picks the new identity
+    assert len(moved) < 2 * 2000 / 50  # ~1/51 of the clips, as rendezvous hashing promises
+    old_moved = sum(
+        _old_modulo_draw(c, own, identities) != _old_modulo_draw(c, own, grown) for c, own in clips
+    )
+    assert old_moved > 0.9 * 2000  # the old scheme reassigned nearly every clip
+    # Removing an identity moves only the clips that had drawn it.
+    shrunk = [i for i in identities if i != "id07"]
+    again = [choose_source_identity("vfhq", c, own, shrunk, seed=0) for c, own in clips]
+    assert all(old == new or old == "id07" for old, new in zip(before, again, strict=True))
+
+
+def test_a_too_similar_candidate_is_never_chosen():
+    rng = np.random.default_rng(0)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    embeddings = {f"id{i}": unit(rng.normal(size=512)) for i in range(6)}
+    # "twin" is the target's celebrity under another video id: cosine ~0.9 to the target.
+    embeddings["twin"] = unit(embeddings["id0"] + 0.5 * unit(rng.normal(size=512)))
+    identities = list(embeddings)
+    free = [choose_source_identity("celebvhq", f"v{n}", "id0", identities, 0) for n in range(300)]
+    assert "twin" in free  # by label alone the twin is drawn
+    guarded = [
+        choose_source_identity("celebvhq", f"v{n}", "id0", identities, 0, embeddings, max_cosine=0.3)
+        for n in range(300)
+    ]
+    assert "twin" not in guarded and "id0" not in guarded
+    # Candidates that pass keep their rendezvous draw: only the twin's clips moved.
+    assert all(a == b for a, b in zip(free, guarded, strict=True) if a != "twin")
+    with pytest.raises(ValueError, match="max_source_cosine=0.3"):
+        choose_source_identity("celebvhq", "v", "id0", ["id0", "twin"], 0, embeddings, max_cosine=0.3)
+    # An identity the bank could not embed is compared by label only.
+    assert (
+        choose_source_identity("celebvhq", "v", "nobody", ["twin"], 0, embeddings, max_cosine=0.3) == "twin"
+    )
