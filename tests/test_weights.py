@@ -21,16 +21,15 @@ def test_check_lists_every_missing_file_in_one_error(tmp_path: Path) -> None:
     )
 
 
-def test_sha256_mismatch_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sha256_mismatch_is_reported(tmp_path: Path) -> None:
     yaml_path = tmp_path / "weights.yaml"
     good = hashlib.sha256(b"right").hexdigest()
     yaml_path.write_text(f"a:\n  path: a.bin\n  sha256: {good}\n  origin: here\n")
-    monkeypatch.setattr(w, "WEIGHTS_YAML", yaml_path)
     (tmp_path / "a.bin").write_bytes(b"wrong")
-    assert "wrong sha256" in w.check_weights(tmp_path, ["a"])[0]
+    assert "wrong sha256" in w.check_weights(tmp_path, ["a"], manifest=yaml_path)[0]
     (tmp_path / "a.bin").write_bytes(b"right")
-    assert w.check_weights(tmp_path, ["a"]) == []
-    assert "not listed" in w.check_weights(tmp_path, ["b"])[0]
+    assert w.check_weights(tmp_path, ["a"], manifest=yaml_path) == []
+    assert "not listed" in w.check_weights(tmp_path, ["b"], manifest=yaml_path)[0]
 
 
 def test_tiny_writer_output_appears_atomically(tmp_path: Path) -> None:
