@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from http.client import HTTPException
+from http.client import HTTPException, IncompleteRead
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
@@ -122,20 +122,31 @@ def _download(url: str, part: Path, size: int | None, bar: tqdm, stats: Stats) -
         length = response.headers.get("Content-Length")
         received = 0
         with open(part, "ab" if start else "wb") as out:
-            for chunk in iter(lambda: response.read(CHUNK), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-        with stats.lock:
-            stats.bytes_received += received
+            try:
+                for chunk in iter(lambda: response.read(CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            except (IncompleteRead, ConnectionError, TimeoutError) as exc:  # what was written stays
+                raise _Interrupted(f"connection lost after {start + received} bytes ({exc})") from exc
+            finally:
+                with stats.lock:
+                    stats.bytes_received += received
         if length is not None and received < int(length):
             raise _Interrupted(f"connection closed after {start + received} bytes of {start + int(length)}")
     return digest.hexdigest()
 
 
 def fetch_file(
-    root: Path, spec: FileSpec, cache: HashCache, pins: Pins, bar: tqdm, stats: Stats, attempts: int = 3
+    root: Path,
+    spec: FileSpec,
+    cache: HashCache,
+    pins: Pins,
+    bar: tqdm,
+    stats: Stats,
+    attempts: int = 3,
+    record: bool = True,
 ) -> None:
     """Put `spec` under root: each source in turn, each up to `attempts` times (resuming), verified
     before the rename. Raises FetchError with every source's reason."""
@@ -165,7 +176,8 @@ def fetch_file(
                 cache.remember(spec.path, digest)
                 if not expected:  # nobody published a hash: this download is the first use we trust
                     pins.record(spec.path, digest, size)
-                stats.add("downloaded", spec.path)
+                if record:
+                    stats.add("downloaded", spec.path)
                 return
             part.unlink()  # wrong bytes: never resume from them
             bar.update(-size)
@@ -226,7 +238,7 @@ def _fetch_archive(
     spec = archive.archive_spec(mirror)
     zip_spec = FileSpec(spec.entry, f"{STATE_DIR}/downloads/{spec.path}", spec.sha256, spec.size, spec.urls)
     if not (root / zip_spec.path).is_file() or file_problem(root, zip_spec, cache, pins):
-        fetch_file(root, zip_spec, cache, pins, bar, stats, attempts)
+        fetch_file(root, zip_spec, cache, pins, bar, stats, attempts, record=False)
     unpack_archive(root, archive, parts, cache, pins)
     for member in parts:
         stats.add("downloaded", member.path)
