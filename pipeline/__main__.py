@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         "fetches every file from one mirror laid out as <base>/<origin host>/<origin path>.",
     )
     fetch.add_argument("--weights-dir", help="default: $WEIGHTS_DIR")
+    fetch.add_argument("--manifest", type=Path, help="default: configs/weights.yaml")
     fetch.add_argument(
         "--for", dest="wanted", nargs="+", default=[], metavar="NAME",
         help="build, train, eval, a stage name (swap, face_mask, foreground, gaze, stylise) or an entry name",
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--no-progress", action="store_true", help="no progress bar")
     check = weights_commands.add_parser("check", help="list missing or wrong files of configs/weights.yaml")
     check.add_argument("--weights-dir", help="default: $WEIGHTS_DIR")
+    check.add_argument("--manifest", type=Path, help="default: configs/weights.yaml")
     check.add_argument("--no-hash", action="store_true", help="check presence only (skip size and sha256)")
     check.add_argument("--rehash", action="store_true", help="ignore the hash cache (read every file again)")
     check.add_argument("names", nargs="*", help="weights names (default: all of configs/weights.yaml)")
@@ -73,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "pin", help="record the sha256 of present files that have no published hash (trust on first use)"
     )
     pin.add_argument("--weights-dir", help="default: $WEIGHTS_DIR")
+    pin.add_argument("--manifest", type=Path, help="default: configs/weights.yaml")
     pin.add_argument("names", nargs="+", help="weights names, e.g. l2cs_gaze360")
     tiny = weights_commands.add_parser(
         "tiny", help="write every model with random weights in its real format"
@@ -154,7 +157,12 @@ def _weights(args: argparse.Namespace) -> int:
     if args.weights_command == "fetch":
         try:
             stats = fetch_weights(
-                weights_dir, args.wanted, args.accept_licence, jobs=args.jobs, progress=not args.no_progress
+                weights_dir,
+                args.wanted,
+                args.accept_licence,
+                jobs=args.jobs,
+                manifest=args.manifest,
+                progress=not args.no_progress,
             )
         except (LicenceNotAccepted, FetchError) as exc:
             log.error("%s", exc)
@@ -165,16 +173,16 @@ def _weights(args: argparse.Namespace) -> int:
         )  # fmt: skip
         return 0
     if args.weights_command == "pin":
-        for path, digest in pin_weights(weights_dir, args.names).items():
+        for path, digest in pin_weights(weights_dir, args.names, args.manifest).items():
             log.info("pinned %s sha256 %s (trust on first use)", path, digest)
         return 0
-    names = args.names or sorted(load_weight_specs())
+    names = args.names or sorted(load_weight_specs(args.manifest))
     if args.rehash:
         (weights_dir / STATE_DIR / "hashes.json").unlink(missing_ok=True)
-    problems = check_weights(weights_dir, names, verify_hash=not args.no_hash)
+    problems = check_weights(weights_dir, names, verify_hash=not args.no_hash, manifest=args.manifest)
     for problem in problems:
         print(problem)
-    for path in unpinned(weights_dir, names):
+    for path in unpinned(weights_dir, names, args.manifest):
         log.warning("%s has no published sha256 and no pin: `weights pin` records it", path)
     if not problems:
         print(f"all {len(names)} weights present in {weights_dir}")

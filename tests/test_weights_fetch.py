@@ -212,3 +212,26 @@ def test_mirror_keeps_the_origin_layout() -> None:
         == "http://m:8/w/www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt"
     )
     assert mirrored("https://huggingface.co/a/b/resolve/c/d", "") == "https://huggingface.co/a/b/resolve/c/d"
+
+
+def test_cli_fetch_check_and_rerun(
+    origin: Origin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.__main__ import main
+
+    manifest = str(write_manifest(tmp_path / "weights.yaml", origin.files))
+    root = str(tmp_path / "weights")
+    common = ["--weights-dir", root, "--manifest", manifest]
+    assert main(["weights", "fetch", *common, "--for", "build", "--no-progress"]) == 1  # licence not accepted
+    assert origin.requests == []
+    fetch = ["weights", "fetch", *common, "--for", "build", "--no-progress", "--accept-licence", "all"]
+    assert main(fetch) == 0
+    assert main(["weights", "check", *common, "scrfd_10g", "arcface_r50", "parsenet"]) == 0
+    assert "all 3 weights present" in capsys.readouterr().out
+    served = len(origin.requests)
+    assert main(fetch) == 0 and len(origin.requests) == served  # complete folder: a no-op
+    assert main(["weights", "check", *common, "lpips_alexnet"]) == 1  # not fetched (--for build)
+    assert "lpips_alexnet: missing" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["weights", "fetch", "--help"])
+    assert info.value.code == 0 and "--accept-licence" in capsys.readouterr().out
