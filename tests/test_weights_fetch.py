@@ -235,3 +235,44 @@ def test_cli_fetch_check_and_rerun(
     with pytest.raises(SystemExit) as info:
         main(["weights", "fetch", "--help"])
     assert info.value.code == 0 and "--accept-licence" in capsys.readouterr().out
+
+
+def test_train_fetch_writes_the_image_encoder_from_clip(origin: Origin, tmp_path: Path) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(small, vocab_size=64, max_position_embeddings=8),
+        vision_config=dict(small, image_size=32, patch_size=8),
+        projection_dim=24,  # the vision sub-config keeps its default: the reason for the derive step
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(config)
+    clip.save_pretrained(tmp_path / "clip")
+    rev = "b" * 40
+    for name in ("config.json", "model.safetensors"):
+        served = f"/huggingface.co/openai/clip-vit-large-patch14/resolve/{rev}/{name}"
+        origin.files[served] = (tmp_path / "clip" / name).read_bytes()
+    manifest = tmp_path / "weights.yaml"
+    manifest.write_text(f"""
+clip_vit_large_patch14:
+  path: clip-vit-large-patch14
+  sources: [{{hf: openai/clip-vit-large-patch14, revision: {rev}}}]
+  jobs: [train]
+  files: [{{path: config.json}}, {{path: model.safetensors}}]
+clip_image_encoder:
+  path: image_encoder
+  derived_from: clip_vit_large_patch14
+  derive: clip_vision_with_projection
+  jobs: [train]
+  files: [{{path: config.json}}, {{path: model.safetensors}}]
+""")
+    root = tmp_path / "weights"
+    _fetch(root, manifest, wanted=["clip_image_encoder"])
+    encoder = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", local_files_only=True)
+    assert torch.equal(encoder.visual_projection.weight, clip.visual_projection.weight)  # 24 x 16
+    assert check_weights(root, ["clip_image_encoder"], manifest=manifest) == []
+    pins = yaml.safe_load((root / STATE_DIR / "pins.json").read_text())
+    assert {"image_encoder/config.json", "image_encoder/model.safetensors"} <= set(pins)
+    assert _fetch(root, manifest, wanted=["train"]).downloaded == []  # in place: nothing written again

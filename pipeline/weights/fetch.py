@@ -26,6 +26,7 @@ from urllib.request import HTTPRedirectHandler, Request, build_opener
 from tqdm import tqdm
 
 from pipeline.weights.check import STATE_DIR, HashCache, Pins, expected_sha256, file_problem
+from pipeline.weights.derive import derive_folder
 from pipeline.weights.licences import gate_licences
 from pipeline.weights.manifest import (
     HF_DEFAULT_ENDPOINT,
@@ -244,6 +245,25 @@ def _fetch_archive(
         stats.add("downloaded", member.path)
 
 
+def _derive(
+    root: Path, specs: dict[str, WeightFile], entry: WeightFile, cache: HashCache, pins: Pins, stats: Stats
+) -> None:
+    """Write a derived folder from its (verified) source; pin what was written, trust-on-first-use."""
+    files = entry.file_specs()
+    if not any(file_problem(root, file, cache, pins) for file in files):
+        stats.present.extend(file.path for file in files)
+        return
+    source = specs[entry.derived_from]
+    source_problems = [p for f in source.file_specs() if (p := file_problem(root, f, cache, pins))]
+    if source_problems:
+        raise FetchError(f"cannot write it from {source.name}: " + "; ".join(source_problems))
+    log.info("writing %s from %s (%s)", entry.path, source.path, entry.derive)
+    derive_folder(entry.derive, root / source.path, root / entry.path, [rel for rel, _, _ in entry.files])
+    for file in files:
+        pins.record(file.path, cache.sha256(file.path), (root / file.path).stat().st_size)
+        stats.add("downloaded", file.path)
+
+
 def _part_size(final: Path) -> int:
     part = final.with_name(f".{final.name}.part")
     return part.stat().st_size if part.is_file() else 0
@@ -270,9 +290,10 @@ def fetch_weights(
     files: list[FileSpec] = []  # plain files still to download
     archives: list[tuple[WeightFile, list[WeightFile]]] = []
     problems = []
+    derived = [entry for entry in chosen if entry.derived_from]
     for entry in chosen:
-        if entry.member_of:
-            continue  # handled with its archive
+        if entry.member_of or entry.derived_from:
+            continue  # handled with its archive / after the downloads
         if entry.kind == "archive":
             parts = members(specs, entry.name)
             todo = [m for m in parts if file_problem(root, m.file_specs()[0], cache, pins)]
@@ -314,6 +335,11 @@ def fetch_weights(
                 future.result()
             except (FetchError, OSError, zipfile.BadZipFile) as exc:
                 problems.append(str(exc))
+    for entry in derived:
+        try:
+            _derive(root, specs, entry, cache, pins, stats)
+        except (FetchError, OSError, ValueError, RuntimeError) as exc:
+            problems.append(f"{entry.path}: {exc}")
     cache.save()
     pins.save()
     if problems:

@@ -99,6 +99,8 @@ class WeightFile:
     member: str = ""  # its name inside that archive
     archive_file: str = ""  # archive: the downloaded file's name
     manual: str = ""  # how to get a file that has no downloadable origin
+    derived_from: str = ""  # written by `weights fetch` from this entry (no download of its own)
+    derive: str = ""  # how (pipeline/weights/derive.py)
 
     def file_specs(self, mirror: str | None = None) -> list[FileSpec]:
         """Every file this entry puts on disk (archives: none of their own, see `archive_spec`)."""
@@ -135,6 +137,8 @@ def _entry(name: str, raw: dict[str, Any]) -> WeightFile:
     origin = raw.get("origin") or raw.get("manual") or ", ".join(s.origin_url() for s in sources)
     if raw.get("member_of") and not origin:
         origin = f"{raw.get('member')} in the {raw['member_of']} archive"
+    if raw.get("derived_from") and not origin:
+        origin = f"written by `weights fetch` from {raw['derived_from']}"
     return WeightFile(
         name=name,
         path=raw["path"],
@@ -152,6 +156,8 @@ def _entry(name: str, raw: dict[str, Any]) -> WeightFile:
         member=raw.get("member", ""),
         archive_file=raw.get("file", ""),
         manual=raw.get("manual", ""),
+        derived_from=raw.get("derived_from", ""),
+        derive=raw.get("derive", ""),
     )
 
 
@@ -162,6 +168,8 @@ def load_weight_specs(path: Path | None = None) -> dict[str, WeightFile]:
     for spec in specs.values():
         if spec.member_of and specs.get(spec.member_of, spec).kind != "archive":
             raise ValueError(f"{spec.name}: member_of {spec.member_of!r} is not an archive entry")
+        if spec.derived_from and (spec.derived_from not in specs or not spec.derive):
+            raise ValueError(f"{spec.name}: derived_from needs an entry name and `derive`")
     return specs
 
 
@@ -171,7 +179,8 @@ def members(specs: dict[str, WeightFile], archive: str) -> list[WeightFile]:
 
 def select(specs: dict[str, WeightFile], wanted: Iterable[str] = ()) -> list[WeightFile]:
     """Entries for `--for` values: a job (build / train / eval), a stage name in `jobs`, or an entry
-    name; nothing = everything. Archive members pull in their archive, archives all their members."""
+    name; nothing = everything. Archive members pull in their archive, archives all their members,
+    derived entries what they are derived from."""
     wanted = list(wanted)
     if not wanted:
         chosen = set(specs)
@@ -189,6 +198,8 @@ def select(specs: dict[str, WeightFile], wanted: Iterable[str] = ()) -> list[Wei
         spec = specs[name]
         if spec.member_of:
             chosen.add(spec.member_of)
+        if spec.derived_from:
+            chosen.add(spec.derived_from)
         if spec.kind == "archive":
             chosen |= {member.name for member in members(specs, name)}
     return [specs[name] for name in sorted(chosen)]
