@@ -11,7 +11,15 @@ import pytest
 import yaml
 from weights_origin import Origin, load_onnx, real_format_files, sha, start_origin, write_manifest
 
-from pipeline.weights import STATE_DIR, HashCache, MissingWeights, check_weights, pin_weights, require_weights
+from pipeline.weights import (
+    STATE_DIR,
+    HashCache,
+    MissingWeights,
+    check_weights,
+    pin_weights,
+    require_weights,
+    verify_job,
+)
 from pipeline.weights.fetch import FetchError, fetch_weights
 from pipeline.weights.licences import LicenceNotAccepted
 from pipeline.weights.manifest import mirrored
@@ -200,6 +208,10 @@ def test_wrong_files_are_refused_in_one_message_and_pins_protect_unpublished(
     assert "parsing_parsenet.pth has 8 bytes, expected" in message
     assert "vae/config.json has the wrong sha256" in message and "trust-on-first-use" in message
     assert "alexnet-owt-7be5be79.pth" in message and "weights fetch" in message
+    assert verify_job(root, "train", manifest) == [
+        f"sd_vae_ft_mse: {root}/vae/config.json has the wrong sha256 (expected "
+        f"{sha(origin.files[HF + 'config.json'])}, trust-on-first-use)"
+    ]  # the trainer's check: its files only
     assert pin_weights(root, ["sd_vae_ft_mse"], manifest=manifest) == {
         "vae/config.json": sha(b'{"_class_name": "y"}')
     }  # `weights pin` accepts the file the user has

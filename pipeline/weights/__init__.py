@@ -9,11 +9,13 @@ from pipeline.weights.check import (
     Pins,
     check_weights,
     file_id,
+    job_names,
     pin_weights,
     require_weights,
     sha256_file,
     unpinned,
     verify_files,
+    verify_job,
 )
 from pipeline.weights.manifest import WEIGHTS_YAML, FileSpec, WeightFile, load_weight_specs
 from pipeline.weights.tiny import (
@@ -41,6 +43,7 @@ __all__ = [
     "check_weights",
     "ensure_tiny_weights",
     "file_id",
+    "job_names",
     "load_weight_specs",
     "pin_weights",
     "register_tiny_writer",
@@ -49,4 +52,5 @@ __all__ = [
     "sha256_file",
     "unpinned",
     "verify_files",
+    "verify_job",
 ]

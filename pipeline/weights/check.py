@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.weights.manifest import FileSpec, WeightFile, load_weight_specs, members
+from pipeline.weights.manifest import FileSpec, WeightFile, load_weight_specs, members, select
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,17 @@ def require_weights(
 def verify_files(weights_dir: Path, names: Iterable[str], manifest: Path | None = None) -> list[str]:
     """The hash check for code outside the builder (trainer, evaluation): every problem, one per line."""
     return check_weights(Path(weights_dir), names, verify_hash=True, manifest=manifest)
+
+
+def job_names(job: str, manifest: Path | None = None) -> list[str]:
+    """The entries a job (build / train / eval) or stage reads, as `weights fetch --for JOB` selects them."""
+    return [spec.name for spec in select(load_weight_specs(manifest), [job]) if job in spec.jobs]
+
+
+def verify_job(weights_dir: Path, job: str, manifest: Path | None = None) -> list[str]:
+    """Every problem with the files a job reads: the trainer calls it with "train", evaluation with
+    "eval" (each problem one line; empty when all are present with the right size and sha256)."""
+    return verify_files(weights_dir, job_names(job, manifest), manifest)
 
 
 def unpinned(weights_dir: Path, names: Iterable[str], manifest: Path | None = None) -> list[str]:
