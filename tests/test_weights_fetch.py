@@ -201,10 +201,12 @@ def test_wrong_files_are_refused_in_one_message_and_pins_protect_unpublished(
     (root / "facexlib/parsing_parsenet.pth").write_bytes(b"tampered")
     (root / "vae/config.json").write_text('{"_class_name": "y"}')  # pinned on first download
     (root / "torch/hub/checkpoints/alexnet-owt-7be5be79.pth").unlink()
+    (root / "insightface/models/buffalo_l/det_10g.onnx").unlink()
     with pytest.raises(MissingWeights) as info:
         require_weights(root, ALL, manifest=manifest)
     message = str(info.value)
-    assert message.startswith("3 weights file(s) missing or wrong")
+    assert message.startswith("4 weights file(s) missing or wrong")
+    assert message.count("scrfd_10g: missing") == 1  # named by buffalo_l and scrfd_10g: reported once
     assert "parsing_parsenet.pth has 8 bytes, expected" in message
     assert "vae/config.json has the wrong sha256" in message and "trust-on-first-use" in message
     assert "alexnet-owt-7be5be79.pth" in message and "weights fetch" in message

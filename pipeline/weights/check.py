@@ -156,6 +156,12 @@ def entry_files(specs: dict[str, WeightFile], name: str) -> list[FileSpec]:
     return spec.file_specs()
 
 
+def _how_to_get(spec: WeightFile) -> str:
+    if spec.manual:
+        return f" ({spec.manual})"
+    return f" (`weights fetch --for {spec.name}`; origin: {spec.origin})"
+
+
 def check_weights(
     weights_dir: Path, names: Iterable[str], verify_hash: bool = True, manifest: Path | None = None
 ) -> list[str]:
@@ -164,6 +170,7 @@ def check_weights(
     specs = load_weight_specs(manifest)
     cache, pins = HashCache(root), Pins(root)
     problems = []
+    seen = set()  # an archive and its members name the same files: report each once
     for name in sorted(set(names)):
         if name not in specs:
             problems.append(f"{name}: not listed in {manifest or 'configs/weights.yaml'}")
@@ -172,12 +179,15 @@ def check_weights(
         files = entry_files(specs, name)
         if not files:  # a folder the manifest does not itemise: presence only
             if not (root / spec.path).exists():
-                problems.append(f"{name}: missing {root / spec.path} (get it from {spec.origin})")
+                problems.append(f"{name}: missing {root / spec.path}{_how_to_get(spec)}")
             continue
         for file in files:
+            if file.path in seen:
+                continue
+            seen.add(file.path)
             problem = file_problem(root, file, cache, pins, verify_hash)
-            if problem.startswith(f"{name}: missing"):
-                problem += f" (get it from {spec.origin})"
+            if problem.startswith(f"{file.entry}: missing"):
+                problem += _how_to_get(specs[file.entry])
             if problem:
                 problems.append(problem)
     cache.save()

@@ -136,9 +136,9 @@ def _entry(name: str, raw: dict[str, Any]) -> WeightFile:
         raise ValueError(f"{name}: kind must be file, folder or archive, got {kind!r}")
     origin = raw.get("origin") or raw.get("manual") or ", ".join(s.origin_url() for s in sources)
     if raw.get("member_of") and not origin:
-        origin = f"{raw.get('member')} in the {raw['member_of']} archive"
+        origin = f"the {raw['member_of']} archive ({raw.get('member')})"
     if raw.get("derived_from") and not origin:
-        origin = f"written by `weights fetch` from {raw['derived_from']}"
+        origin = f"written from {raw['derived_from']}"
     return WeightFile(
         name=name,
         path=raw["path"],
