@@ -22,7 +22,7 @@ from pipeline.weights import (
 )
 from pipeline.weights.fetch import FetchError, fetch_weights
 from pipeline.weights.licences import LicenceNotAccepted
-from pipeline.weights.manifest import mirrored
+from pipeline.weights.manifest import Source, mirrored, source_url
 
 PTH = "/github.com/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth"
 ZIP = "/github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip"
@@ -220,12 +220,22 @@ def test_wrong_files_are_refused_in_one_message_and_pins_protect_unpublished(
     assert "vae/config.json" not in str(check_weights(root, ["sd_vae_ft_mse"], manifest=manifest))
 
 
-def test_mirror_keeps_the_origin_layout() -> None:
+def test_mirror_keeps_the_origin_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (
         mirrored("https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1", "http://m:8/w/")
         == "http://m:8/w/www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt"
     )
     assert mirrored("https://huggingface.co/a/b/resolve/c/d", "") == "https://huggingface.co/a/b/resolve/c/d"
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
+    source = Source.parse({"hf": "openai/clip-vit-large-patch14", "revision": "c" * 40})
+    assert (
+        source_url(source, "config.json", "")
+        == f"https://hf-mirror.example/openai/clip-vit-large-patch14/resolve/{'c' * 40}/config.json"
+    )
+    assert (
+        source_url(source, "config.json", "http://m")
+        == f"http://m/huggingface.co/openai/clip-vit-large-patch14/resolve/{'c' * 40}/config.json"
+    )
 
 
 def test_cli_fetch_check_and_rerun(

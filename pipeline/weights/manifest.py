@@ -47,14 +47,24 @@ class Source:
             file=raw.get("file", ""),
         )
 
-    def origin_url(self, rel: str = "") -> str:
-        """The URL at the origin (HF_ENDPOINT applied); `rel` is the file's path inside a folder entry."""
+    def origin_url(self, rel: str = "", endpoint: str | None = None) -> str:
+        """The URL at the origin (HF_ENDPOINT applied unless `endpoint` is given); `rel` is the file's
+        path inside a folder entry."""
         if self.url:
             return self.url + ("/" + rel if rel else "")
-        endpoint = os.environ.get("HF_ENDPOINT", HF_DEFAULT_ENDPOINT).rstrip("/")
+        endpoint = (endpoint or os.environ.get("HF_ENDPOINT", HF_DEFAULT_ENDPOINT)).rstrip("/")
         prefix = "datasets/" if self.hf_type == "dataset" else ""
         in_repo = "/".join(part for part in (self.subfolder, self.file, rel) if part)
         return f"{endpoint}/{prefix}{self.hf_repo}/resolve/{quote(self.revision, safe='')}/{in_repo}"
+
+
+def source_url(source: Source, rel: str = "", mirror: str | None = None) -> str:
+    """Where to download from: the origin, or WEIGHTS_MIRROR laid out like the canonical origin (a
+    mirror of Hugging Face files keeps huggingface.co's paths whatever HF_ENDPOINT says)."""
+    mirror = mirror if mirror is not None else os.environ.get("WEIGHTS_MIRROR", "")
+    if mirror:
+        return mirrored(source.origin_url(rel, endpoint=HF_DEFAULT_ENDPOINT), mirror)
+    return source.origin_url(rel)
 
 
 def mirrored(url: str, mirror: str | None = None) -> str:
@@ -115,16 +125,16 @@ class WeightFile:
                     f"{self.path}/{rel}",
                     sha,
                     size,
-                    tuple(mirrored(source.origin_url(rel), mirror) for source in self.sources),
+                    tuple(source_url(source, rel, mirror) for source in self.sources),
                 )
                 for rel, sha, size in self.files
             ]
-        urls = tuple(mirrored(source.origin_url(), mirror) for source in self.sources)
+        urls = tuple(source_url(source, "", mirror) for source in self.sources)
         return [FileSpec(self.name, self.path, self.sha256, self.size, urls)]
 
     def archive_spec(self, mirror: str | None = None) -> FileSpec:
         """The archive itself, downloaded to the hidden downloads folder and deleted once unpacked."""
-        urls = tuple(mirrored(source.origin_url(), mirror) for source in self.sources)
+        urls = tuple(source_url(source, "", mirror) for source in self.sources)
         return FileSpec(self.name, self.archive_file or f"{self.name}.zip", self.sha256, self.size, urls)
 
 
