@@ -131,6 +131,19 @@ def test_dropped_connection_is_resumed_within_one_run(origin: Origin, tmp_path: 
     assert origin.sent(PTH) == len(origin.files[PTH]) and stats.bytes_received == len(origin.files[PTH])
 
 
+def test_complete_part_file_of_unknown_size_is_finished_without_a_body(
+    origin: Origin, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path / "weights.yaml", origin.files)
+    root = tmp_path / "weights"
+    (root / "vae").mkdir(parents=True)
+    (root / "vae/.config.json.part").write_bytes(origin.files[HF + "config.json"])  # crashed before rename
+    _fetch(root, manifest, wanted=["sd_vae_ft_mse"])
+    config = [r for r in origin.requests if r.path == HF + "config.json"]
+    assert [(r.status, r.sent) for r in config] == [(416, 0)]
+    assert (root / "vae/config.json").read_bytes() == origin.files[HF + "config.json"]
+
+
 def test_corrupted_file_is_refused_and_never_visible(origin: Origin, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "weights.yaml", origin.files)
     root = tmp_path / "weights"

@@ -99,7 +99,8 @@ def _download(url: str, part: Path, size: int | None, bar: tqdm, stats: Stats) -
     try:
         response = opener.open(Request(url, headers=_headers(url, start)), timeout=TIMEOUT_S)
     except HTTPError as exc:
-        if exc.code == 416 and start and start == size:  # the part file already holds every byte
+        whole = exc.headers.get("Content-Range") == f"bytes */{start}" if exc.headers else False
+        if exc.code == 416 and start and (start == size or whole):  # the part file holds every byte
             exc.close()
             with open(part, "rb") as handle:
                 for chunk in iter(lambda: handle.read(CHUNK), b""):
