@@ -62,6 +62,18 @@ class _DropAuthOnRedirect(HTTPRedirectHandler):
         return new
 
 
+class _Progress:
+    """One byte counter for every download thread (tqdm's update is not atomic across threads)."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+        self.lock = threading.Lock()
+
+    def update(self, n: int) -> None:
+        with self.lock:
+            self.bar.update(n)
+
+
 def _headers(url: str, start: int) -> dict[str, str]:
     headers = {"User-Agent": USER_AGENT}
     if start:
@@ -87,7 +99,7 @@ class Stats:
             (self.downloaded if kind == "downloaded" else self.present).append(path)
 
 
-def _download(url: str, part: Path, size: int | None, bar: tqdm, stats: Stats) -> str:
+def _download(url: str, part: Path, size: int | None, bar: _Progress, stats: Stats) -> str:
     """Append the rest of `url` to `part` (Range from its current length); return the sha256 of the
     whole part file. Raises _Interrupted (part kept) when the body stops short."""
     start = part.stat().st_size if part.exists() else 0
@@ -145,7 +157,7 @@ def fetch_file(
     spec: FileSpec,
     cache: HashCache,
     pins: Pins,
-    bar: tqdm,
+    bar: _Progress,
     stats: Stats,
     attempts: int = 3,
     record: bool = True,
@@ -234,7 +246,7 @@ def unpack_archive(
 
 
 def _fetch_archive(
-    root: Path, archive: WeightFile, parts: list[WeightFile], cache: HashCache, pins: Pins, bar: tqdm,
+    root: Path, archive: WeightFile, parts: list[WeightFile], cache: HashCache, pins: Pins, bar: _Progress,
     stats: Stats, attempts: int, mirror: str | None,
 ) -> None:  # fmt: skip
     spec = archive.archive_spec(mirror)
@@ -318,9 +330,10 @@ def fetch_weights(
     with (
         tqdm(
             total=total, initial=resumable, unit="B", unit_scale=True, desc="weights", disable=not progress
-        ) as bar,
+        ) as tqdm_bar,
         ThreadPoolExecutor(max_workers=max(1, jobs)) as pool,
     ):
+        bar = _Progress(tqdm_bar)
         futures = {
             pool.submit(fetch_file, root, spec, cache, pins, bar, stats, attempts): spec.path
             for spec in files
