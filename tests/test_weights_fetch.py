@@ -98,6 +98,13 @@ def test_full_fetch_then_check_passes_and_uses_the_hash_cache(origin: Origin, tm
     assert HashCache(root).sha256("facexlib/parsing_parsenet.pth") == sha(origin.files[PTH])
 
 
+def test_downloads_run_in_parallel(origin: Origin, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "weights.yaml", origin.files)
+    origin.delay_s = 0.2
+    _fetch(tmp_path / "weights", manifest, jobs=4)
+    assert origin.max_in_flight >= 2
+
+
 def test_rerun_downloads_nothing(origin: Origin, tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "weights.yaml", origin.files)
     root = tmp_path / "weights"

@@ -8,6 +8,7 @@ import hashlib
 import io
 import re
 import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,9 @@ class Origin:
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before closing, once
     requests: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    delay_s: float = 0.0  # per response: lets parallel requests overlap
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def sent(self, path: str) -> int:
         return sum(r.sent for r in self.requests if r.path == path)
@@ -47,6 +51,17 @@ def _handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            with origin.lock:
+                origin.in_flight += 1
+                origin.max_in_flight = max(origin.max_in_flight, origin.in_flight)
+            try:
+                time.sleep(origin.delay_s)
+                self._get()
+            finally:
+                with origin.lock:
+                    origin.in_flight -= 1
+
+        def _get(self) -> None:
             path = self.path.split("?")[0]
             body = origin.files.get(path)
             ranged = self.headers.get("Range")
