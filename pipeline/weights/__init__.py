@@ -1,6 +1,7 @@
-"""Model weights: configs/weights.yaml (manifest), downloading them (fetch), verifying them (check), and
-the `tiny` profile's random-weight files (tiny). The names below are the package's public interface;
-stage modules and tests import them from `pipeline.weights`."""
+"""Model weights. configs/weights.yaml is read by `manifest`; `fetch` downloads and verifies (with
+`licences` gating restricted files and `derive` writing folders the loaders need from downloaded ones);
+`check` verifies size and sha256 with a hash cache and trust-on-first-use pins; `tiny` writes the tiny
+profile's random-weight files. The names below are what stage modules, the build and tests import."""
 
 from pipeline.weights.check import (
     STATE_DIR,
