@@ -11,6 +11,9 @@ ARGS ?=
 # The gaze subset keeps segments stage 2 can sample; the demo's are sized for the tiny overlay's span.
 SELECT_ARGS ?= $(if $(filter demo,$(DATASET)),--train-config configs/train/tiny.yaml,)
 PYTEST_ARGS ?=
+WEIGHTS_DIR ?=
+FOR ?=
+ACCEPT ?=
 RAY_STATE ?= out/ray-head
 RAY_PORT ?= 6380
 RAY_DASHBOARD_PORT ?= 8266
@@ -19,7 +22,7 @@ DEMO_OUT := out/demo
 TRAIN_OUT ?= out/train-demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup shards shards-job train-demo ray-up ray-down notebook report test test-fast lint format bench clean
+.PHONY: help setup weights shards shards-job train-demo ray-up ray-down notebook report test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -32,6 +35,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
 	$(BIN)/python -m pip install -c constraints.txt -e '.[cpu,dev]'
 	touch $(STAMP)
+
+weights: setup ## download + verify the pretrained weights into WEIGHTS_DIR: FOR='build train eval' ACCEPT=all (licences)
+	$(BIN)/python -m pipeline weights fetch $(if $(WEIGHTS_DIR),--weights-dir $(WEIGHTS_DIR),) \
+		$(if $(FOR),--for $(FOR),) $(foreach name,$(ACCEPT),--accept-licence $(name)) $(ARGS)
 
 shards: setup ## build shards and their gaze subset: DATASET=demo|vfhq|celebvhq ROOT=<dataset folder> OUT=<output folder>
 	$(BIN)/python -m pipeline build --dataset $(DATASET) --root $(ROOT) --out $(OUT) $(ARGS)

@@ -1,7 +1,10 @@
 """Command line.
 
 python -m pipeline build --dataset demo --root DIR --out DIR [key=value ...]
+python -m pipeline weights fetch [--for build|train|eval|NAME ...] [--accept-licence NAME|all]
+                                                         # download + verify into WEIGHTS_DIR (make weights)
 python -m pipeline weights check [--weights-dir DIR]     # what is missing or wrong under WEIGHTS_DIR
+python -m pipeline weights pin NAME ...                  # record the sha256 of files with none published
 python -m pipeline weights tiny DIR                      # write every model with random weights
 python -m pipeline select --out DIR [--top 0.05 | --threshold 200 --score authors]   # the gaze subset
     [--min-frames N | --train-config configs/train/tiny.yaml]   # eligible span (default: stage 2's)
@@ -39,12 +42,42 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. resolution=256"
     )
-    weights = commands.add_parser("weights", help="check real weights, or write tiny random ones")
+    weights = commands.add_parser(
+        "weights", help="fetch, check or pin real weights, or write tiny random ones"
+    )
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    fetch = weights_commands.add_parser(
+        "fetch",
+        help="download every file of configs/weights.yaml (or those --for names) and verify it",
+        description="Download into WEIGHTS_DIR in parallel, resuming partial files, trying each mirror in "
+        "turn; a file appears under its name only once its size and sha256 are verified. A no-op when "
+        "everything is in place. HF_ENDPOINT / HF_TOKEN apply to Hugging Face files; WEIGHTS_MIRROR=<base URL> "
+        "fetches every file from one mirror laid out as <base>/<origin host>/<origin path>.",
+    )
+    fetch.add_argument("--weights-dir", help="default: $WEIGHTS_DIR")
+    fetch.add_argument("--manifest", type=Path, help="default: configs/weights.yaml")
+    fetch.add_argument(
+        "--for", dest="wanted", nargs="+", default=[], metavar="NAME",
+        help="build, train, eval, a stage name (swap, face_mask, foreground, gaze, stylise) or an entry name",
+    )  # fmt: skip
+    fetch.add_argument(
+        "--accept-licence", action="append", default=[], metavar="NAME",
+        help="accept a non-commercial / research-only licence (entry name, or all); remembered",
+    )  # fmt: skip
+    fetch.add_argument("--jobs", type=int, default=4, help="parallel downloads (default 4)")
+    fetch.add_argument("--no-progress", action="store_true", help="no progress bar")
     check = weights_commands.add_parser("check", help="list missing or wrong files of configs/weights.yaml")
     check.add_argument("--weights-dir", help="default: $WEIGHTS_DIR")
-    check.add_argument("--no-hash", action="store_true", help="check presence only (skip sha256)")
+    check.add_argument("--manifest", type=Path, help="default: configs/weights.yaml")
+    check.add_argument("--no-hash", action="store_true", help="check presence only (skip size and sha256)")
+    check.add_argument("--rehash", action="store_true", help="ignore the hash cache (read every file again)")
     check.add_argument("names", nargs="*", help="weights names (default: all of configs/weights.yaml)")
+    pin = weights_commands.add_parser(
+        "pin", help="record the sha256 of present files that have no published hash (trust on first use)"
+    )
+    pin.add_argument("--weights-dir", help="default: $WEIGHTS_DIR")
+    pin.add_argument("--manifest", type=Path, help="default: configs/weights.yaml")
+    pin.add_argument("names", nargs="+", help="weights names, e.g. l2cs_gaze360")
     tiny = weights_commands.add_parser(
         "tiny", help="write every model with random weights in its real format"
     )
@@ -104,12 +137,17 @@ def _stats(args: argparse.Namespace) -> int:
 def _weights(args: argparse.Namespace) -> int:
     from pipeline.stages import load_all_stages
     from pipeline.weights import (
+        STATE_DIR,
         TINY_WRITERS,
         check_weights,
         ensure_tiny_weights,
         load_weight_specs,
+        pin_weights,
         resolve_weights_dir,
+        unpinned,
     )
+    from pipeline.weights.fetch import FetchError, fetch_weights
+    from pipeline.weights.licences import LicenceNotAccepted
 
     if args.weights_command == "tiny":
         load_all_stages()
@@ -117,10 +155,36 @@ def _weights(args: argparse.Namespace) -> int:
         log.info("tiny weights for %s in %s", ", ".join(sorted(TINY_WRITERS)), args.dir)
         return 0
     weights_dir = resolve_weights_dir("full", args.weights_dir)
-    names = args.names or sorted(load_weight_specs())
-    problems = check_weights(weights_dir, names, verify_hash=not args.no_hash)
+    if args.weights_command == "fetch":
+        try:
+            stats = fetch_weights(
+                weights_dir,
+                args.wanted,
+                args.accept_licence,
+                jobs=args.jobs,
+                manifest=args.manifest,
+                progress=not args.no_progress,
+            )
+        except (LicenceNotAccepted, FetchError) as exc:
+            log.error("%s", exc)
+            return 1
+        log.info(
+            "weights in %s: %d downloaded, %d already in place (%d bytes received)",
+            weights_dir, len(stats.downloaded), len(stats.present), stats.bytes_received,
+        )  # fmt: skip
+        return 0
+    if args.weights_command == "pin":
+        for path, digest in pin_weights(weights_dir, args.names, args.manifest).items():
+            log.info("pinned %s sha256 %s (trust on first use)", path, digest)
+        return 0
+    names = args.names or sorted(load_weight_specs(args.manifest))
+    if args.rehash:
+        (weights_dir / STATE_DIR / "hashes.json").unlink(missing_ok=True)
+    problems = check_weights(weights_dir, names, verify_hash=not args.no_hash, manifest=args.manifest)
     for problem in problems:
         print(problem)
+    for path in unpinned(weights_dir, names, args.manifest):
+        log.warning("%s has no published sha256 and no pin: `weights pin` records it", path)
     if not problems:
         print(f"all {len(names)} weights present in {weights_dir}")
     return 1 if problems else 0
