@@ -160,18 +160,25 @@ def write_random_components(out_dir: str | Path, profile: str = "tiny", seed: in
     return out
 
 
-def check_weights_dir(weights_dir: str | Path) -> None:
-    """Raise one FileNotFoundError naming every missing component file."""
+def check_weights_dir(weights_dir: str | Path, verify_hash: bool = False) -> None:
+    """Raise one FileNotFoundError naming every missing component file and, with verify_hash (real
+    weights only: the tiny profile's random files have no published hash), every file whose size or
+    sha256 differs from configs/weights.yaml."""
     root = Path(weights_dir)
-    missing = [
-        str(root / component / file)
+    problems = [
+        f"{root / component / file}: missing"
         for component, files in REQUIRED_FILES.items()
         for file in files
         if not (root / component / file).is_file()
     ]
-    if missing:
+    if verify_hash and not problems:
+        from pipeline.weights import verify_job
+
+        problems += verify_job(root, "train")
+    if problems:
         raise FileNotFoundError(
-            f"weights folder {root} is missing {len(missing)} file(s):\n  " + "\n  ".join(missing)
+            f"weights folder {root} has {len(problems)} problem(s) (python -m pipeline weights fetch --for "
+            "train gets the right files):\n  " + "\n  ".join(problems)
         )
 
 

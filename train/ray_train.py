@@ -72,7 +72,7 @@ def model_weights_dir(section: ModelSection) -> Path:
     chosen = section.weights_dir or os.environ.get("WEIGHTS_DIR")
     if not chosen:
         raise FileNotFoundError("model.profile=full needs model.weights_dir=... or $WEIGHTS_DIR")
-    check_weights_dir(chosen)  # one error naming every missing file
+    check_weights_dir(chosen, verify_hash=True)  # one error naming every missing or wrong file
     return Path(chosen)
 
 

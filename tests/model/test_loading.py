@@ -35,12 +35,24 @@ def test_missing_files_are_named_in_one_error(tmp_path, tiny_weights):
     with pytest.raises(FileNotFoundError) as error:
         check_weights_dir(tmp_path)
     message = str(error.value)
-    assert "missing 7 file(s)" in message
+    assert "has 7 problem(s)" in message and message.count(": missing") == 7
     assert (
         "vae/diffusion_pytorch_model.safetensors" in message and "image_encoder/model.safetensors" in message
     )
     assert "vae/config.json" not in message
     check_weights_dir(tiny_weights)
+
+
+def test_the_trainer_refuses_files_whose_hash_is_wrong(tiny_weights):
+    """Random tiny files in place of the real ones (a truncated or tampered download): every component
+    with a published size / sha256 is named, with what the manifest expected, in one error (the derived
+    image encoder and the AnimateDiff weights have no published hash: `weights pin` protects them)."""
+    with pytest.raises(FileNotFoundError) as error:
+        check_weights_dir(tiny_weights, verify_hash=True)
+    message = str(error.value)
+    assert "has 2 problem(s)" in message
+    assert "unet/diffusion_pytorch_model.safetensors has" in message and "expected 3438167540" in message
+    assert "vae/diffusion_pytorch_model.safetensors has" in message
 
 
 def test_checkpoint_round_trip_is_bit_exact(make_model, tiny_weights, tmp_path):
