@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import ClassVar
 
 import ray.cloudpickle
@@ -38,4 +39,7 @@ def main(root: str, out: str, key_fragment: str) -> None:
                  "task_num_cpus=0.5", f"stages={json.dumps(stages)}"]  # fmt: skip
     config = load_build_config("celebvhq", overrides=overrides, root=root, out=out)
     summary = run_build(config, progress=False)
-    print(json.dumps({"written": summary.written, "failed": summary.failed_clips}))
+    # A file, not stdout: Ray's own output may follow on stdout.
+    (Path(out) / "crash_summary.json").write_text(
+        json.dumps({"written": summary.written, "failed": summary.failed_clips})
+    )

@@ -22,7 +22,7 @@ def test_a_clip_that_kills_its_actor_becomes_a_failure_row(tmp_path: Path) -> No
     command = [sys.executable, "-c", script, str(root), str(out), "bb_1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"written": 2, "failed": 1}
+    assert json.loads((out / "crash_summary.json").read_text()) == {"written": 2, "failed": 1}
     index = pd.read_parquet(out / "index.parquet")
     assert sorted(index["clip_id"]) == ["aa_0", "cc_2"]
     failures = pd.read_parquet(out / "failures.parquet")

@@ -181,7 +181,9 @@ def make_shards(dataset: str, root: Path, out: Path, overrides: str) -> subproce
 
 
 def clip_frames(index: pd.DataFrame) -> dict[str, int]:
-    return {str(k): int(v) for k, v in index.groupby("clip_id")["num_frames"].sum().items()}
+    """Frames of each clip the shards cover (segments are full windows, the last overlapping)."""
+    spans = index.groupby("clip_id").agg(first=("frame_start", "min"), stop=("frame_stop", "max"))
+    return {str(clip): int(row.stop - row.first) for clip, row in spans.iterrows()}
 
 
 def test_make_shards_on_the_official_vfhq_layout(tmp_path: Path) -> None:
@@ -199,7 +201,7 @@ def test_make_shards_on_the_official_vfhq_layout(tmp_path: Path) -> None:
     meta = root / "meta_info" / "VFHQ-Train" / f"{truncated}.txt"
     meta.write_text(meta.read_text()[: len(meta.read_text()) // 2])
     broken = make_vfhq_clip(root, "broken", 8, 20)
-    (root / "extracted_cropped_face_results" / "broken" / broken / "00000010.png").write_bytes(
+    (root / "extracted_cropped_face_results" / "broken" / broken / "00000003.png").write_bytes(
         b"\x89PNG garbage"
     )
     # No annotators: this test is about reading the dataset (real datasets default to the full-profile stages).
