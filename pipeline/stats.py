@@ -217,8 +217,9 @@ def report(data: ShardSet) -> str:
             )
     else:
         lines.append("gaze subset: none (run python -m pipeline select)")
-    usable, train = stage2_usable(data)
-    lines.append(f"stage-2 usable train samples (>= {stage2_span()} frames): {usable} of {train}")
+    span = stage2_span()
+    usable, train = stage2_usable(data, span)
+    lines.append(f"stage-2 usable train samples (>= {span} frames): {usable} of {train}")
     lengths = clip_lengths(data)
     if len(lengths):
         lines.append(

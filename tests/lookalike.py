@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from pipeline.sources.demo import make_identity, render_clip
-from pipeline.video import encode_mp4
+from pipeline.video import encode_mp4, read_video_frames
 
 REPO = Path(__file__).resolve().parent.parent
 FPS = 25.0
@@ -213,8 +213,6 @@ def make_raw_video(
     (root / "raw").mkdir(parents=True, exist_ok=True)
     data = encode_mp4(frames, FPS)
     (root / "raw" / f"{ytb_id}.mp4").write_bytes(data)
-    from pipeline.video import read_video_frames
-
     return RawVideo(ytb_id, read_video_frames(data))  # the decoded pixels: what any reader sees
 
 

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def resolve_under(root: Path, path: str) -> Path:
+    """A configured folder or file: absolute as given, else relative to the dataset root."""
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else root / candidate
 
 
 class SourceError(RuntimeError):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import CelebvhqConfig
-from pipeline.sources.base import ClipFailure, ClipRecord, ScanResult, SourceError
+from pipeline.sources.base import ClipFailure, ClipRecord, ScanResult, SourceError, resolve_under
 from pipeline.video import VideoInfo, probe_video
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,9 @@ class InfoError(ValueError):
     """An info entry that cannot be used; the message says which field."""
 
 
-def _resolve(root: Path, path: str) -> Path:
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() else root / candidate
-
-
 def find_info_file(root: Path, config: CelebvhqConfig) -> Path:
     if config.info_file:
-        path = _resolve(root, config.info_file)
+        path = resolve_under(root, config.info_file)
         if not path.is_file():
             raise SourceError(f"CelebV-HQ info file {path} does not exist (celebvhq.info_file)")
         return path
@@ -157,7 +152,7 @@ def _probe(path: Path) -> VideoInfo | Exception:
 
 def _cut_dirs(root: Path, config: CelebvhqConfig) -> list[Path]:
     if config.videos_dir:
-        path = _resolve(root, config.videos_dir)
+        path = resolve_under(root, config.videos_dir)
         if not path.is_dir():
             raise SourceError(f"CelebV-HQ videos_dir {path} does not exist (celebvhq.videos_dir)")
         return [path]
@@ -166,7 +161,7 @@ def _cut_dirs(root: Path, config: CelebvhqConfig) -> list[Path]:
 
 def _raw_dir(root: Path, config: CelebvhqConfig) -> Path | None:
     if config.raw_dir:
-        path = _resolve(root, config.raw_dir)
+        path = resolve_under(root, config.raw_dir)
         if not path.is_dir():
             raise SourceError(f"CelebV-HQ raw_dir {path} does not exist (celebvhq.raw_dir)")
         return path

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import VfhqConfig
-from pipeline.sources.base import ClipFailure, ClipRecord, ScanResult, SourceError
+from pipeline.sources.base import ClipFailure, ClipRecord, ScanResult, SourceError, resolve_under
 from pipeline.video import IMAGE_SUFFIXES, list_frame_files, zip_frame_names
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _header_value(header: dict[str, str], key: str) -> str:
     return header[key].split()[-1]
 
 
-def _frame_rows(lines: list[tuple[int, str]]) -> dict[int, list[float]]:
+def _frame_rows(lines: list[tuple[int, str]], width: int, height: int) -> dict[int, list[float]]:
     """(line number, text) of the frame rows -> absolute index -> box; only the first six numbers of a
     row are read (the landmarks are not used), all at once: VFHQ has millions of rows."""
     parts = [text.split(None, MIN_ROW_NUMBERS)[:MIN_ROW_NUMBERS] for _, text in lines]
@@ -78,6 +78,14 @@ def _frame_rows(lines: list[tuple[int, str]]) -> dict[int, list[float]]:
     if len(empty):
         raise MetaError(f"line {lines[empty[0]][0]}: empty face box {w[empty[0]]:g}x{h[empty[0]]:g}")
     boxes = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+    outside = np.flatnonzero(
+        (boxes[:, 0] >= width) | (boxes[:, 1] >= height) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
+    )
+    if len(outside):
+        first = outside[0]
+        raise MetaError(
+            f"frame {int(table[first, 0])}: face box {boxes[first].tolist()} lies outside the {width}x{height} frame"
+        )
     return dict(zip(table[:, 0].astype(np.int64).tolist(), boxes.tolist(), strict=True))
 
 
@@ -135,16 +143,9 @@ def parse_meta(text: str, name: str) -> VfhqMeta:
         raise MetaError(f"no CROP line (file truncated after {len(rows)} frame rows?)")
     if not rows:
         raise MetaError("no frame rows")
-    boxes = _frame_rows(rows)
     if not _intersects(crop, width, height):
         raise MetaError(f"CROP {crop} lies outside the {width}x{height} frame")
-    table = np.asarray(list(boxes.values()))
-    outside = np.flatnonzero(
-        (table[:, 0] >= width) | (table[:, 1] >= height) | (table[:, 2] <= 0) | (table[:, 3] <= 0)
-    )
-    if len(outside):
-        index = list(boxes)[outside[0]]
-        raise MetaError(f"frame {index}: face box {boxes[index]} lies outside the {width}x{height} frame")
+    boxes = _frame_rows(rows, width, height)
     return VfhqMeta(match["ytid"], int(match["pid"]), start, end, fps, width, height, boxes, crop)
 
 
@@ -431,15 +432,10 @@ def clip_record(name: str, meta: VfhqMeta, source: FrameSource, dataset: str, hi
     )
 
 
-def _resolve(root: Path, folder: str) -> Path:
-    path = Path(folder)
-    return path if path.is_absolute() else root / path
-
-
 def scan_vfhq(root: Path, config: VfhqConfig, dataset: str = "vfhq") -> ScanResult:
     """One ClipRecord per usable clip, one ClipFailure per clip that is not."""
-    meta_root = _resolve(root, config.meta_dir) if config.meta_dir else None
-    frames_root = _resolve(root, config.frames_dir) if config.frames_dir else root
+    meta_root = resolve_under(root, config.meta_dir) if config.meta_dir else None
+    frames_root = resolve_under(root, config.frames_dir) if config.frames_dir else root
     for path, key in ((meta_root, "meta_dir"), (frames_root, "frames_dir")):
         if path is not None and not path.exists():
             raise SourceError(f"VFHQ {key} {path} does not exist (vfhq.{key})")

@@ -25,7 +25,7 @@ from urllib.request import HTTPRedirectHandler, Request, build_opener
 
 from tqdm import tqdm
 
-from pipeline.weights.check import STATE_DIR, HashCache, Pins, expected_sha256, file_problem
+from pipeline.weights.check import STATE_DIR, HashCache, Pins, expected_sha256, file_problem, sha256_file
 from pipeline.weights.derive import derive_folder
 from pipeline.weights.licences import gate_licences
 from pipeline.weights.manifest import (
@@ -114,10 +114,7 @@ def _download(url: str, part: Path, size: int | None, bar: _Progress, stats: Sta
         whole = exc.headers.get("Content-Range") == f"bytes */{start}" if exc.headers else False
         if exc.code == 416 and start and (start == size or whole):  # the part file holds every byte
             exc.close()
-            with open(part, "rb") as handle:
-                for chunk in iter(lambda: handle.read(CHUNK), b""):
-                    digest.update(chunk)
-            return digest.hexdigest()
+            return sha256_file(part)
         raise
     with response:
         resumed = start and response.status == 206
