@@ -14,6 +14,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "data"
 DATASETS = ("demo", "vfhq", "celebvhq")
 BUCKETS = ("real", "swap", "style")
+CHAINS = ("all", "common", "none")  # see BuildConfig.chain_stages
 
 
 @dataclass
@@ -104,6 +105,11 @@ class BuildConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     splits: SplitConfig = field(default_factory=SplitConfig)
     stages: list[StageConfig] = field(default_factory=list)
+    # Which annotators share one actor, so frames are not copied through the object store between them
+    # (pipeline/dag.py plan_pools): all = every stage (swap / stylise run only on their bucket's rows
+    # inside it); common = the all-bucket annotators (swap / stylise keep own pools and see every row);
+    # none = one pool per stage, every row through every pool (the plan before chaining).
+    chain_stages: str = "all"
 
     def validate(self) -> None:
         if self.dataset not in DATASETS:
@@ -128,6 +134,8 @@ class BuildConfig:
             raise ValueError(
                 "stages[].max_task_retries must be >= 0 (a crashing clip must not be retried forever)"
             )
+        if self.chain_stages not in CHAINS:
+            raise ValueError(f"chain_stages must be one of {CHAINS}, got {self.chain_stages!r}")
         if self.crop_scale < 1.0:
             raise ValueError(f"crop_scale must be >= 1, got {self.crop_scale}")
 

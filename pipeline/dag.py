@@ -1,5 +1,8 @@
 """The Ray Data plan: manifest rows -> decode/crop -> annotators -> encode -> shard writer.
 
+The annotators run in the actor pools of plan_pools: by default one actor runs every stage, so a
+segment's frames cross the object store twice (decode -> annotators -> encode), not once per stage.
+
 This file only wires steps together; each step lives in its own module. Runs on local Ray by default
 and on a cluster when RAY_ADDRESS is set (or inside `ray job submit`).
 """
@@ -10,16 +13,17 @@ import functools
 import inspect
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, StageConfig
 from pipeline.rows import guarded
 from pipeline.segment import decode_segment
-from pipeline.stages.base import get_stage
+from pipeline.stages.base import StageChain, get_stage
 from pipeline.video import EncodeSettings
 from pipeline.writer import as_writer_row, encode_members, write_shard_batch
 
@@ -60,11 +64,78 @@ def _encode_step(config: BuildConfig):
     return guarded("encode", functools.partial(encode_members, resolution=config.resolution, video=video))
 
 
+@dataclass(frozen=True)
+class Pool:
+    """One actor pool of the plan: the stages each of its actors runs in sequence, and what an actor
+    reserves. `gpu_shares` is each stage's part of the actor's GPUs (its memory cap)."""
+
+    stages: tuple[StageConfig, ...]
+    size: int
+    num_cpus: float
+    num_gpus: float
+    gpu_shares: tuple[float, ...]
+    batch_size: int
+    max_task_retries: int
+
+    @property
+    def name(self) -> str:
+        return "+".join(stage.name for stage in self.stages)
+
+
+def _chain(stages: list[StageConfig]) -> Pool:
+    """One pool for `stages`. Its size is the largest of theirs and each actor gets the stages' total
+    reservation (num x pool_size, summed) spread over them: with equal pool sizes an actor reserves the
+    sum of the stages' resources, and the cluster-wide reservation never changes."""
+    size = max(stage.pool_size for stage in stages)
+    shares = tuple(round(stage.num_gpus * stage.pool_size / size, 6) for stage in stages)
+    gpus = round(sum(shares), 6)
+    if gpus > 1 and gpus != int(gpus):
+        raise ValueError(
+            f"chaining {[s.name for s in stages]} gives each of its {size} actors {gpus:g} GPUs: Ray needs "
+            "a fraction up to 1 or a whole number; change their num_gpus / pool_size, or set "
+            "chain_stages to common or none"
+        )
+    return Pool(
+        stages=tuple(stages),
+        size=size,
+        num_cpus=round(sum(s.num_cpus * s.pool_size for s in stages) / size, 6),
+        num_gpus=gpus,
+        gpu_shares=shares,
+        batch_size=max(stage.batch_size for stage in stages),
+        max_task_retries=max(stage.max_task_retries for stage in stages),
+    )
+
+
+def plan_pools(config: BuildConfig) -> list[Pool]:
+    """The annotators' actor pools in DAG order (config.chain_stages).
+
+    Ray Data has no fork: a dataset read by two branches (filter by bucket, then union) is planned and
+    run once per branch, decode and annotators included. So rows are not routed by bucket; instead the
+    stages a row needs share an actor, where a stage of another bucket passes the row by in memory.
+    """
+    if config.chain_stages == "none":
+        return [_chain([stage]) for stage in config.stages]
+    if config.chain_stages == "all":
+        return [_chain(config.stages)] if config.stages else []
+    pools: list[Pool] = []
+    common: list[StageConfig] = []
+    for stage in config.stages:
+        if get_stage(stage.name).buckets is None:
+            common.append(stage)
+            continue
+        if common:
+            pools.append(_chain(common))
+            common = []
+        pools.append(_chain([stage]))
+    return [*pools, _chain(common)] if common else pools
+
+
 def check_resources(config: BuildConfig, available: dict[str, float]) -> None:
     """The actor pools must leave room for at least one CPU task, or Ray Data waits forever."""
+    pools = plan_pools(config)
     need = {
-        "CPU": sum(s.num_cpus * s.pool_size for s in config.stages) + config.task_num_cpus,
-        "GPU": sum(s.num_gpus * s.pool_size for s in config.stages),
+        "CPU": sum(p.num_cpus * p.size for p in pools) + config.task_num_cpus,
+        "GPU": sum(p.num_gpus * p.size for p in pools),
     }
     short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0) + 1e-9}
     if short:
@@ -84,6 +155,35 @@ def stage_kwargs(stage_cls: type, options: dict[str, Any], context: dict[str, An
     (weights_dir, bank_path, gpu_share: its num_gpus, ...), matched by parameter name."""
     accepted = inspect.signature(stage_cls.__init__).parameters
     return {**{k: v for k, v in context.items() if k in accepted}, **options}
+
+
+def _pool_udf(pool: Pool, context: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The actor class of a pool and its constructor kwargs: the stage itself when it is alone (the plan
+    before chaining), else a StageChain of the stages."""
+    members = []
+    for stage, share in zip(pool.stages, pool.gpu_shares, strict=True):
+        stage_cls = get_stage(stage.name)
+        members.append((stage_cls, stage_kwargs(stage_cls, stage.options, {**context, "gpu_share": share})))
+    if len(members) == 1:
+        return members[0]
+    return StageChain, {"members": members, "gpu_share": pool.num_gpus}
+
+
+def annotate(ds: ray.data.Dataset, config: BuildConfig, context: dict[str, Any]) -> ray.data.Dataset:
+    """The annotator pools of plan_pools applied to decoded rows."""
+    for pool in plan_pools(config):
+        udf, kwargs = _pool_udf(pool, context)
+        ds = ds.map_batches(
+            udf,
+            compute=ActorPoolStrategy(size=pool.size),
+            batch_size=pool.batch_size,
+            num_gpus=pool.num_gpus,
+            num_cpus=pool.num_cpus,
+            max_restarts=-1,  # a dead actor is replaced, so the pool keeps its size
+            max_task_retries=pool.max_task_retries,
+            fn_constructor_kwargs=kwargs,
+        )
+    return ds
 
 
 def build_dataset(
@@ -107,20 +207,7 @@ def build_dataset(
     check_resources(config, ray.cluster_resources())
     task_cpus = config.task_num_cpus
     ds = ds.map(_decode_step(config), num_cpus=task_cpus)
-    for stage in config.stages:
-        stage_cls = get_stage(stage.name)
-        ds = ds.map_batches(
-            stage_cls,
-            compute=ActorPoolStrategy(size=stage.pool_size),
-            batch_size=stage.batch_size,
-            num_gpus=stage.num_gpus,
-            num_cpus=stage.num_cpus,
-            max_restarts=-1,  # a dead actor is replaced, so the pool keeps its size
-            max_task_retries=stage.max_task_retries,
-            fn_constructor_kwargs=stage_kwargs(
-                stage_cls, stage.options, {**(stage_context or {}), "gpu_share": stage.num_gpus}
-            ),
-        )
+    ds = annotate(ds, config, stage_context or {})
     ds = ds.map(_encode_step(config), num_cpus=task_cpus).map(as_writer_row, num_cpus=task_cpus)
     return ds.map_batches(
         write_shard_batch,

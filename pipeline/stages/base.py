@@ -3,6 +3,7 @@
 An annotator is a `Stage` subclass: its model is loaded once per actor in `__init__`, rows are
 processed in `process`, and the DAG gives it the resources its StageConfig names. Stages that only
 apply to some buckets (face swap, stylisation) say so in `buckets`; other rows pass through untouched.
+`StageChain` runs several stages in one actor (the DAG's default, see pipeline/dag.py).
 Stage modules are imported only when a build uses them, so CPU tasks never load torch or ONNX.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from typing import Any, ClassVar
 
 from pipeline.rows import Batch, Row, batch_to_rows, guarded, is_failed, rows_to_batch
@@ -49,19 +51,48 @@ class Stage:
         raise NotImplementedError
 
     def __call__(self, batch: Batch) -> Batch:
-        rows = batch_to_rows(batch)
+        return rows_to_batch(self.run(batch_to_rows(batch)))
+
+    def run(self, rows: list[Row]) -> list[Row]:
+        """Annotate the rows this stage applies to; every row leaves with the stage's output fields."""
         step = guarded(self.name, self._annotate)
         rows = [step(row) if self.applies_to(row) else row for row in rows]
         for row in rows:
             for field, default in self.outputs.items():
                 row.setdefault(field, default)
-        return rows_to_batch(rows)
+        return rows
 
     def _annotate(self, row: Row) -> Row:
         row = self.process(row)
         annotations = json.loads(row.get("annotations") or "[]")
         row["annotations"] = json.dumps([*annotations, self.name])
         return row
+
+
+class StageChain:
+    """Several stages in one actor, run in sequence on each batch: the rows (and their frames) stay in
+    this process between them instead of crossing the object store to the next pool. A stage still
+    sees only the rows it applies to. Ray Data gives the actor the stages' summed resources
+    (pipeline/dag.py plan_pools); `members` are (stage class, constructor kwargs), each kwargs holding
+    that stage's own `gpu_share` where it asks for one (ONNX Runtime caps each session's arena)."""
+
+    def __init__(self, members: list[tuple[type[Stage], dict[str, Any]]], gpu_share: float = 0.0) -> None:
+        self.stages = [stage_cls(**kwargs) for stage_cls, kwargs in members]
+        # torch's cap is per process and each stage set its own share: the last one would win, so the
+        # actor's whole share is the cap (its ONNX sessions are capped separately, each at its stage's).
+        if "torch" in sys.modules:
+            import torch
+
+            from pipeline.stages.device import limit_torch_memory
+
+            if torch.cuda.is_available():
+                limit_torch_memory(torch.device("cuda", torch.cuda.current_device()), gpu_share)
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows = batch_to_rows(batch)
+        for stage in self.stages:
+            rows = stage.run(rows)
+        return rows_to_batch(rows)
 
 
 STAGES: dict[str, type[Stage]] = {}
