@@ -34,7 +34,9 @@ def main(root: str, out: str, key_fragment: str) -> None:
     from pipeline.config import load_build_config
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    stages = [{"name": "crash_on_key", "num_cpus": 0.2, "options": {"key_fragment": key_fragment}}]
+    # Two stages in one chained actor (the default plan): the retries and the failure row are the chain's.
+    stages = [{"name": "crash_on_key", "num_cpus": 0.1, "options": {"key_fragment": "no-such-clip"}},
+              {"name": "crash_on_key", "num_cpus": 0.1, "options": {"key_fragment": key_fragment}}]  # fmt: skip
     overrides = ["profile=tiny", "resolution=64", "min_frames=8", "samples_per_shard=1", "max_failure_fraction=1.0", "num_cpus=2",
                  "task_num_cpus=0.5", f"stages={json.dumps(stages)}"]  # fmt: skip
     config = load_build_config("celebvhq", overrides=overrides, root=root, out=out)
