@@ -67,7 +67,7 @@ def test_common_chains_the_all_bucket_annotators_and_keeps_the_reservation() -> 
         plan_pools(dataclasses.replace(config, chain_stages="all"))
 
 
-def test_check_resources_counts_a_chain_once_per_actor(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_resources_counts_the_chained_pools(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     stages = [
         StageConfig("face_mask", num_cpus=0.5, pool_size=2),
