@@ -196,7 +196,8 @@ def test_batching_does_not_change_results(weights_dir, clip):
     one = stage.process(make_row(frames, boxes))
     stage.frame_batch = 5  # 7 crops: one batch of 5 and one of 2
     many = stage.process(make_row(frames, boxes))
-    np.testing.assert_allclose(one["gaze"], many["gaze"], atol=1e-5, equal_nan=True)
+    # float32 convolutions pick other kernels per batch size: 1e-4 degrees is rounding, a batching bug is degrees
+    np.testing.assert_allclose(one["gaze"], many["gaze"], rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
 def test_clip_without_boxes_uses_the_centre_crop(stage, clip):
