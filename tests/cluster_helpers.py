@@ -193,13 +193,14 @@ import json, ray
 from ray.util.state import list_actors, list_tasks
 ray.init(log_to_driver=False)
 actors = [[a.class_name, a.node_id, a.state] for a in list_actors(limit=10000)]
-tasks = [[t.name, t.node_id, t.state] for t in list_tasks(limit=10000) if t.node_id]
+tasks = [[t.name, t.node_id, t.state, t.type] for t in list_tasks(limit=10000) if t.node_id]
 print(json.dumps({"actors": actors, "tasks": tasks}))
 """
 
 
 def placement(env: dict[str, str]) -> dict[str, list[list[str]]]:
-    """Every actor (class, node id, state) and task (name, node id, state) the cluster's state API knows,
+    """Every actor (class, node id, state) and task (name, node id, state, type: NORMAL_TASK, ACTOR_TASK,
+    ...) the cluster's state API knows,
     dead ones included: where work ran, from Ray itself rather than from the code under test."""
     result = subprocess.run(
         [PYTHON, "-c", PLACEMENT_PROBE], env=env, capture_output=True, text=True, timeout=120
