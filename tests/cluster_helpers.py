@@ -80,7 +80,7 @@ class Cluster:
         """Start another node (a replacement for a lost one); returns its node id once it is alive."""
         before = {n["NodeID"] for n in alive_nodes(self.env)}
         self.groups[name] = _start_node(self, name, SPARE_PORTS, num_cpus, resources)
-        return _wait_for_new_node(self.env, before, self.temp_dir / f"{name}.log")
+        return _wait_for_new_node(self.env, before, self.temp_dir / f"{name}.log", self.groups[name])
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -103,21 +103,35 @@ def alive_nodes(env: dict[str, str]) -> list[dict]:
     """The cluster's alive nodes (a fresh driver process: the tests' own process never joins Ray)."""
     code = (
         "import json, ray; ray.init(log_to_driver=False); "
-        "print(json.dumps([{k: n[k] for k in ('NodeID', 'Resources', 'Alive')} for n in ray.nodes() "
+        "print('NODES=' + json.dumps([{k: n[k] for k in ('NodeID', 'Resources', 'Alive')} for n in ray.nodes() "
         "if n['Alive']]))"
     )
     result = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise RuntimeError(f"listing nodes failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return _marked_json(result.stdout, "NODES=")
 
 
-def _wait_for_new_node(env: dict[str, str], before: set[str], log: Path, timeout: float = 120) -> str:
+def _marked_json(stdout: str, marker: str):
+    """The JSON a probe printed after `marker` (Ray may print its own lines to stdout too)."""
+    lines = [line for line in stdout.splitlines() if line.startswith(marker)]
+    if not lines:
+        raise RuntimeError(f"the probe printed no {marker} line: {stdout[-2000:]}")
+    return json.loads(lines[-1][len(marker) :])
+
+
+def _wait_for_new_node(
+    env: dict[str, str], before: set[str], log: Path, process: subprocess.Popen, timeout: float = 180
+) -> str:
+    """The id of a node that joined since `before`; a clear error when `ray start` exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = [n["NodeID"] for n in alive_nodes(env) if n["NodeID"] not in before]
-        if new:
-            return new[0]
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}: {log.read_text()[-3000:]}")
+        with contextlib.suppress(RuntimeError):  # the GCS may not answer yet
+            new = [n["NodeID"] for n in alive_nodes(env) if n["NodeID"] not in before]
+            if new:
+                return new[0]
         time.sleep(1)
     raise TimeoutError(f"no new Ray node joined within {timeout} s; see {log}")
 
@@ -145,7 +159,9 @@ def _start_node(
     command += ["--num-cpus", str(num_cpus), "--num-gpus", "0", "--resources", json.dumps(resources)]
     command += ports.args()
     log = open(temp_dir / f"{name}.log", "w")  # noqa: SIM115 - handed to the child
-    node_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    # Workers inherit the node's env: with RAY_ADDRESS, Ray's own helpers that look the cluster up (Ray
+    # Train's placement-group cleaner) find this one, not every head running on the machine.
+    node_env = dict(env, RAY_ADDRESS=f"127.0.0.1:{GCS_PORT}")
     return subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=node_env
     )
@@ -177,9 +193,9 @@ def two_node_cluster(
     try:
         groups["head"] = _start_node(None, "head", HEAD_PORTS, head_cpus, {"head": 1}, env, temp_dir)
         env["RAY_ADDRESS"] = f"127.0.0.1:{GCS_PORT}"
-        head_id = _wait_for_new_node(env, set(), temp_dir / "head.log")
+        head_id = _wait_for_new_node(env, set(), temp_dir / "head.log", groups["head"])
         groups["node2"] = _start_node(None, "node2", NODE2_PORTS, node2_cpus, {"node2": 1}, env, temp_dir)
-        node2_id = _wait_for_new_node(env, {head_id}, temp_dir / "node2.log")
+        node2_id = _wait_for_new_node(env, {head_id}, temp_dir / "node2.log", groups["node2"])
         cluster = Cluster(env["RAY_ADDRESS"], env, temp_dir, head_id, node2_id, groups)
         yield cluster
     finally:
@@ -194,7 +210,7 @@ from ray.util.state import list_actors, list_tasks
 ray.init(log_to_driver=False)
 actors = [[a.class_name, a.node_id, a.state] for a in list_actors(limit=10000)]
 tasks = [[t.name, t.node_id, t.state, t.type] for t in list_tasks(limit=10000) if t.node_id]
-print(json.dumps({"actors": actors, "tasks": tasks}))
+print("PLACEMENT=" + json.dumps({"actors": actors, "tasks": tasks}))
 """
 
 
@@ -207,4 +223,4 @@ def placement(env: dict[str, str]) -> dict[str, list[list[str]]]:
     )
     if result.returncode != 0:
         raise RuntimeError(f"the state API probe failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return _marked_json(result.stdout, "PLACEMENT=")
