@@ -33,6 +33,8 @@ BENCHES = {
     "swap": ("stage_face_swap", {"with_boxes": True}),
     "stylise": ("stage_stylise", {}),
 }
+# Stage options the bench functions use by default, for the weights they need (face_mask: bisenet).
+BENCH_OPTIONS = {"face_mask": {"model": "bisenet"}}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     weights_dir = Path(args.weights_dir or tempfile.mkdtemp(prefix="bench_weights_"))
     if not args.weights_dir:
         stages = load_all_stages()
-        needed = [n for name in BENCHES for n in stages[name].weights_needed({})]
+        needed = [n for name in BENCHES for n in stages[name].weights_needed(BENCH_OPTIONS.get(name, {}))]
         ensure_tiny_weights(weights_dir, needed)
     size = args.resolution
     frames, boxes, _ = render_clip(make_identity(0), args.frames, (size, size), size * 0.47, 0.5, seed=0)

@@ -6,21 +6,26 @@ with the DAG's own `decode_segment`, finds the face in a few evenly spaced frame
 stage does (`find_face`: SCRFD, guided by the dataset's boxes where there are any) and averages
 the ArcFace embeddings. An identity whose segments show no face is kept as a row with `frames_used` 0 and a
 `skip_reason`, so a rerun does not retry it and the swap stage never draws it.
+
+The embeddings are a Ray Data pass on an actor pool (`BankPool`: each actor loads SCRFD + ArcFace once
+and embeds a batch of identities), so CelebV-HQ's ~15 k identities spread over the cluster like any other
+stage; without a pool they are computed on the driver (small runs, tests) by the same `IdentityEmbedder`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.segment import decode_segment
-from pipeline.stages.face_swap import (
+from pipeline.faces import (
     ARCFACE,
     find_face,
     load_face_analysis,
@@ -29,6 +34,7 @@ from pipeline.stages.face_swap import (
     weight_paths,
     weights_id,
 )
+from pipeline.segment import decode_segment
 from pipeline.writer import atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -161,6 +167,91 @@ def _embed_identity(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class BankPool:
+    """The Ray Data actor pool that embeds the identities (the swap stage's resources, in the build)."""
+
+    size: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 8  # identities per actor call
+    max_task_retries: int = 2
+
+
+class IdentityEmbedder:
+    """SCRFD + ArcFace loaded once; embeds whole identities. A Ray Data actor (`__call__` on a batch of
+    identities) or a plain object on the driver (`embed`)."""
+
+    def __init__(
+        self,
+        weights_dir: str,
+        resolution: int,
+        crop_scale: float,
+        frames_per_identity: int,
+        window_frames: int,
+        min_iou: float,
+        det_size: int,
+        det_thresh: float,
+        device: str,
+        gpu_share: float = 0.0,
+    ) -> None:
+        providers = onnx_providers(device, gpu_share)
+        self.app = load_face_analysis(
+            weights_dir, ["detection", "recognition"], providers, det_size, det_thresh
+        )
+        self.settings = (resolution, crop_scale, frames_per_identity, window_frames, min_iou)
+
+    def embed(self, segments: pd.DataFrame) -> dict:
+        return _embed_identity(segments, self.app, *self.settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entries = [self.embed(pickle.loads(blob)) for blob in batch["segments"]]
+        return {
+            "identity": batch["identity"],
+            "clip_id": np.array([e["clip_id"] for e in entries]),
+            "frames_used": np.array([e["frames_used"] for e in entries], np.int64),
+            "skip_reason": np.array([e["skip_reason"] for e in entries]),
+            # bytes: a skipped identity has an empty embedding, and Arrow wants one shape per column
+            "embedding": np.array([e["embedding"].tobytes() for e in entries], dtype=object),
+        }
+
+
+def _embed_on_ray(jobs: list[tuple[str, pd.DataFrame]], embedder: dict, pool: BankPool) -> dict[str, dict]:
+    """{identity: entry} from a Ray Data pass over the identities (Ray must be initialised)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    items = [{"identity": identity, "segments": pickle.dumps(segments)} for identity, segments in jobs]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pool.batch_size)))
+    embedded = dataset.map_batches(
+        IdentityEmbedder,
+        fn_constructor_kwargs={**embedder, "gpu_share": pool.num_gpus},
+        compute=ActorPoolStrategy(size=pool.size),
+        batch_size=pool.batch_size,
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        max_restarts=-1,  # a lost actor (node loss, OOM) is replaced
+        max_task_retries=pool.max_task_retries,
+    )
+    entries = {}
+    for row in embedded.iter_rows():
+        mean = np.frombuffer(row["embedding"], np.float32).copy()
+        norm = max(float(np.linalg.norm(mean)), 1e-12)
+        entries[str(row["identity"])] = {
+            "clip_id": str(row["clip_id"]),
+            "frames_used": int(row["frames_used"]),
+            "skip_reason": str(row["skip_reason"]),
+            "embedding": mean,
+            "normed": (mean / norm).astype(np.float32) if len(mean) else np.zeros(0, np.float32),
+        }
+    missing = sorted({identity for identity, _ in jobs} - set(entries))
+    if missing:
+        raise RuntimeError(
+            f"the identity-bank pass returned no row for {len(missing)} identities: {missing[:5]}"
+        )
+    return entries
+
+
 def build_identity_bank(
     manifest: pd.DataFrame,
     resolution: int,
@@ -174,9 +265,11 @@ def build_identity_bank(
     det_thresh: float = 0.5,
     min_iou: float = 0.3,
     device: str = "auto",
+    pool: BankPool | None = None,
 ) -> pd.DataFrame:
     """Write `out_path` (identities.parquet, atomically) with one row per identity of the manifest.
 
+    `pool`: embed on a Ray Data actor pool (Ray initialised by the caller); None: on this process.
     Idempotent: rows already in `out_path` that were made with the same ArcFace weights are kept and
     only identities it lacks are computed; when it already covers the manifest it is returned as is."""
     for option, value in (
@@ -202,18 +295,23 @@ def build_identity_bank(
         log.info("identity bank %s covers all %d identities: reusing it", out_path, len(wanted))
         return existing.reset_index(drop=True)
 
-    app = load_face_analysis(
-        weights_dir, ["detection", "recognition"], onnx_providers(device), det_size, det_thresh
-    )
-    rows = []
     by_identity = manifest.sort_values("key").groupby(
         "identity", sort=False
     )  # one pass, not one per identity
+    jobs = [(str(i), by_identity.get_group(i).head(max_clips_per_identity)) for i in todo["identity"]]
+    embedder = {
+        "weights_dir": str(weights_dir), "resolution": resolution, "crop_scale": crop_scale,
+        "frames_per_identity": frames_per_identity, "window_frames": window_frames, "min_iou": min_iou,
+        "det_size": det_size, "det_thresh": det_thresh, "device": device,
+    }  # fmt: skip
+    if pool is None:
+        local = IdentityEmbedder(**embedder)
+        entries = {identity: local.embed(segments) for identity, segments in jobs}
+    else:
+        entries = _embed_on_ray(jobs, embedder, pool)
+    rows = []
     for identity, dataset in todo.itertuples(index=False):
-        segments = by_identity.get_group(identity).head(max_clips_per_identity)
-        entry = _embed_identity(
-            segments, app, resolution, crop_scale, frames_per_identity, window_frames, min_iou
-        )
+        entry = entries[str(identity)]
         if not entry["frames_used"]:
             log.warning("identity %s skipped: %s", identity, entry["skip_reason"])
         rows.append(

@@ -166,3 +166,29 @@ def test_a_too_similar_candidate_is_never_chosen():
     assert (
         choose_source_identity("celebvhq", "v", "nobody", ["twin"], 0, embeddings, max_cosine=0.3) == "twin"
     )
+
+
+def test_the_ray_data_pass_gives_the_driver_side_bank(bank_and_path, manifest, bank_weights, tmp_path):
+    """The bank embedded on a Ray Data actor pool (two actors, identities in batches of two) equals the
+    one computed on the driver, row for row, skipped identity included."""
+    import ray
+
+    from pipeline.dag import init_ray
+    from pipeline.identity_bank import BankPool
+
+    bank, _ = bank_and_path
+    init_ray(2)
+    try:
+        pool = BankPool(size=2, num_cpus=0.5, batch_size=2)
+        pooled = build_identity_bank(
+            manifest, RESOLUTION, 1.8, bank_weights, tmp_path / "identities.parquet", device="cpu", pool=pool
+        )
+    finally:
+        ray.shutdown()
+    assert list(pooled.columns) == BANK_COLUMNS
+    columns = ["identity", "dataset", "clip_id", "frames_used", "skip_reason", "arcface_weights"]
+    pd.testing.assert_frame_equal(pooled[columns], bank[columns])
+    for column in ("embedding", "normed"):
+        for a, b in zip(pooled[column], bank[column], strict=True):
+            assert np.asarray(a).dtype == np.float32 and np.array_equal(np.asarray(a), np.asarray(b))
+    assert (pooled["frames_used"] > 0).sum() == 3

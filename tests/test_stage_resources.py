@@ -11,9 +11,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from pipeline.dag import stage_kwargs
+from pipeline.faces import check_session_providers, onnx_providers
 from pipeline.stages import get_stage
 from pipeline.stages.device import gpu_memory_fraction, limit_torch_memory, resolve_device
-from pipeline.stages.face_swap import check_session_providers, onnx_providers
 
 
 def test_fractional_num_gpus_is_the_memory_share() -> None:
