@@ -57,3 +57,17 @@ def test_frechet_distance_of_shifted_gaussians() -> None:
 def test_video_clips_cover_short_and_long_videos() -> None:
     assert [len(c) for c in video_clips(frames(0, count=5), 16)] == [16]
     assert [len(c) for c in video_clips(frames(0, count=40), 16)] == [16, 16]
+
+
+def test_frechet_distance_matches_the_general_matrix_square_root() -> None:
+    """Both routes (fewer and more samples than dimensions) agree with scipy's sqrtm formula."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(3)
+    for n, m in ((5, 7), (60, 80)):
+        a = rng.normal(0, 1, (n, 6)) @ rng.normal(0, 1, (6, 6))
+        b = rng.normal(0.5, 1, (m, 6))
+        cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        root = np.real(linalg.sqrtm(cov_a @ cov_b))
+        expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)
+        assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6, abs=1e-6)
