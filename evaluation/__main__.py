@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--cross", action="store_true", help="also cross reenactment (reference of another clip)")
     run.add_argument("--grid-clips", type=int, default=2, help="side-by-side videos for this many clips")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--resolution", type=int, default=None, help="default: the run's training resolution")
+    run.add_argument("--stride", type=int, default=2, help="frame stride of the generated clips")
+    run.add_argument("--guidance-scale", type=float, default=4.5)
+    run.add_argument("--model-weights-dir", default=None, help="MegActor's components (default: the run's own)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -53,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
     options = RunOptions(
         num_clips=args.num_clips, num_frames=args.num_frames, steps=args.steps, cross=args.cross,
-        grid_clips=args.grid_clips, seed=args.seed, split=args.split,
+        grid_clips=args.grid_clips, seed=args.seed, split=args.split, guidance_scale=args.guidance_scale,
+        resolution=args.resolution, stride=args.stride,
     )  # fmt: skip
     table = evaluate_checkpoint(
-        args.checkpoint, args.shards, args.out, options, args.backend, args.weights_dir, args.device
+        args.checkpoint, args.shards, args.out, options, args.backend, args.weights_dir, args.device,
+        args.model_weights_dir,
     )
     print(table)
     return 0
