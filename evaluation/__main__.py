@@ -23,23 +23,31 @@ def main(argv: list[str] | None = None) -> int:
     compare = sub.add_parser("compare", parents=[common], help="score any method's output video")
     compare.add_argument("--pred", type=Path, required=True, help="the generated video")
     compare.add_argument("--target", type=Path, default=None, help="ground truth (self reenactment)")
-    compare.add_argument("--reference", type=Path, default=None, help="reference image (default: target's frame 0)")
+    compare.add_argument(
+        "--reference", type=Path, default=None, help="reference image (default: target's frame 0)"
+    )
     compare.add_argument("--driving", type=Path, default=None, help="driving video (default: the target)")
 
-    run = sub.add_parser("run", parents=[common], help="generate with a checkpoint on held-out clips, then score")
+    run = sub.add_parser(
+        "run", parents=[common], help="generate with a checkpoint on held-out clips, then score"
+    )
     run.add_argument("--checkpoint", type=Path, required=True, help="a megactor checkpoint folder")
     run.add_argument("--shards", type=Path, required=True, help="the shard set's output folder")
     run.add_argument("--split", default="test")
     run.add_argument("--num-clips", type=int, default=8)
     run.add_argument("--num-frames", type=int, default=16, help="frames generated per clip")
     run.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    run.add_argument("--cross", action="store_true", help="also cross reenactment (reference of another clip)")
+    run.add_argument(
+        "--cross", action="store_true", help="also cross reenactment (reference of another clip)"
+    )
     run.add_argument("--grid-clips", type=int, default=2, help="side-by-side videos for this many clips")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--resolution", type=int, default=None, help="default: the run's training resolution")
     run.add_argument("--stride", type=int, default=2, help="frame stride of the generated clips")
     run.add_argument("--guidance-scale", type=float, default=4.5)
-    run.add_argument("--model-weights-dir", default=None, help="MegActor's components (default: the run's own)")
+    run.add_argument(
+        "--model-weights-dir", default=None, help="MegActor's components (default: the run's own)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -49,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.target is None and args.driving is None:
             parser.error("compare needs --target (self reenactment) or --driving (cross reenactment)")
         summary = compare_videos(
-            args.pred, args.target, args.out, args.reference, args.driving, args.backend, args.weights_dir, args.device
+            args.pred,
+            args.target,
+            args.out,
+            args.reference,
+            args.driving,
+            args.backend,
+            args.weights_dir,
+            args.device,
         )
         print(json.dumps(summary["metrics"], indent=2))
         return 0
@@ -61,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         resolution=args.resolution, stride=args.stride,
     )  # fmt: skip
     table = evaluate_checkpoint(
-        args.checkpoint, args.shards, args.out, options, args.backend, args.weights_dir, args.device,
+        args.checkpoint,
+        args.shards,
+        args.out,
+        options,
+        args.backend,
+        args.weights_dir,
+        args.device,
         args.model_weights_dir,
     )
     print(table)

@@ -111,7 +111,9 @@ def load_inception(path: Path, device: torch.device | str = "cpu") -> InceptionF
     state = {k: v for k, v in _load_state(path).items() if not k.startswith("AuxLogits.")}
     missing, unexpected = model.net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: not an FID Inception state dict (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise ValueError(
+            f"{path}: not an FID Inception state dict (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     return model.to(device).eval()
 
 

@@ -12,7 +12,11 @@ from evaluation.frames import to_float
 
 @torch.no_grad()
 def lpips_distance(
-    model: nn.Module, pred: np.ndarray, target: np.ndarray, device: torch.device | str = "cpu", batch: int = 16
+    model: nn.Module,
+    pred: np.ndarray,
+    target: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch: int = 16,
 ) -> np.ndarray:
     if pred.shape != target.shape:
         raise ValueError(f"pred {pred.shape} and target {target.shape} differ: resize first")

@@ -64,7 +64,9 @@ def load_for_eval(checkpoint: Path, model_weights_dir: str | None = None) -> tup
 
     megactor_dir = resolve_init_checkpoint(str(checkpoint), "")
     train_config_path = megactor_dir.parent / CONFIG_FILE if megactor_dir.name == MODEL_DIR else None
-    train_config = json.loads(train_config_path.read_text()) if train_config_path and train_config_path.is_file() else {}
+    train_config = (
+        json.loads(train_config_path.read_text()) if train_config_path and train_config_path.is_file() else {}
+    )
     components = model_weights_dir
     if components is None and train_config:
         from train.config import ModelSection
@@ -75,10 +77,16 @@ def load_for_eval(checkpoint: Path, model_weights_dir: str | None = None) -> tup
                                                       weights_dir=section.get("weights_dir"))))  # fmt: skip
     components = components or os.environ.get("WEIGHTS_DIR")
     if not components:
-        raise FileNotFoundError(f"{checkpoint}: no train_config.json names its components: pass --model-weights-dir or set WEIGHTS_DIR")
+        raise FileNotFoundError(
+            f"{checkpoint}: no train_config.json names its components: pass --model-weights-dir or set WEIGHTS_DIR"
+        )
     model = load_megactor(components, megactor_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), {**train_config, "megactor_dir": str(megactor_dir), "components": components}
+    return model.to(device).eval(), {
+        **train_config,
+        "megactor_dir": str(megactor_dir),
+        "components": components,
+    }
 
 
 def held_out_clips(shards: Path, options: RunOptions, resolution: int) -> dict[str, Any]:
@@ -91,14 +99,19 @@ def held_out_clips(shards: Path, options: RunOptions, resolution: int) -> dict[s
     return fixed_batch(config, options.num_clips, options.seed, allow_fewer=True)
 
 
-def generate(model: MegActor, batch: dict[str, Any], reference: int, driving: int, options: RunOptions) -> np.ndarray:
+def generate(
+    model: MegActor, batch: dict[str, Any], reference: int, driving: int, options: RunOptions
+) -> np.ndarray:
     frames = batch["driving"].shape[1]
     sampling = SamplingConfig(
         num_inference_steps=options.steps, guidance_scale=options.guidance_scale, seed=options.seed,
         context_frames=min(16, frames), context_overlap=min(8, frames - 1) if frames > 16 else 0, progress=False,
     )  # fmt: skip
     video = MegActorPipeline(model)(
-        batch["reference"][reference], batch["driving"][driving], batch["background_mask"][reference], sampling
+        batch["reference"][reference],
+        batch["driving"][driving],
+        batch["background_mask"][reference],
+        sampling,
     )
     return to_uint8_frames(video.cpu())
 
@@ -106,7 +119,9 @@ def generate(model: MegActor, batch: dict[str, Any], reference: int, driving: in
 def write_grid(path: Path, panels: list[np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     count = min(len(p) for p in panels)
-    grid = np.concatenate([np.broadcast_to(p, (count, *p.shape[1:])) if len(p) == 1 else p[:count] for p in panels], axis=2)
+    grid = np.concatenate(
+        [np.broadcast_to(p, (count, *p.shape[1:])) if len(p) == 1 else p[:count] for p in panels], axis=2
+    )
     atomic_write_bytes(path, encode_mp4(np.ascontiguousarray(grid), GRID_FPS))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from evaluation import backbones, face_metrics, pixel
 from evaluation.distribution import frechet_distance, i3d_features, inception_features, video_clips
 from evaluation.faces import FaceFrames, make_backend
@@ -74,7 +75,9 @@ class Evaluator:
             from evaluation.gaze import GazeEstimator
             from pipeline.stages.l2cs import WEIGHTS_NAME
 
-            estimator = GazeEstimator(backbones.weights_path(self.weights_dir, WEIGHTS_NAME), self.torch_device)
+            estimator = GazeEstimator(
+                backbones.weights_path(self.weights_dir, WEIGHTS_NAME), self.torch_device
+            )
             self.weights.update(estimator.weights)
             return estimator
         entry, loader = {
@@ -106,7 +109,8 @@ class Evaluator:
         count = min(len(v) for v in [pred, *[v for v in videos.values() if v is not None]])
         pred = pred[:count]
         target, driving = (
-            None if v is None else resize_frames(check_frames(v, k)[:count], height, width) for k, v in videos.items()
+            None if v is None else resize_frames(check_frames(v, k)[:count], height, width)
+            for k, v in videos.items()
         )
         if reference is None and target is not None:
             reference = target[:1]
@@ -126,9 +130,13 @@ class Evaluator:
             if (lp := self.model("lpips")) is not None:
                 table["lpips"] = lpips_distance(lp, pred, target, self.torch_device)
             if (inception := self.model("fid")) is not None:
-                features["fid"] = [inception_features(inception, v, self.torch_device) for v in (pred, target)]
+                features["fid"] = [
+                    inception_features(inception, v, self.torch_device) for v in (pred, target)
+                ]
             if (i3d := self.model("fvd")) is not None:
-                features["fvd"] = [i3d_features(i3d, video_clips(v), self.torch_device) for v in (pred, target)]
+                features["fvd"] = [
+                    i3d_features(i3d, video_clips(v), self.torch_device) for v in (pred, target)
+                ]
         self._score_faces(pred, reference, driving, table, skipped)
         return ClipScores(clip, pd.DataFrame(table).assign(clip=clip), features, skipped)
 
@@ -162,7 +170,9 @@ class Evaluator:
         table["akd"] = face_metrics.keypoint_distance(analysed.landmarks, drive.landmarks)
         table["apd"] = face_metrics.pose_distance(analysed.pose, drive.pose)
         table["aed"] = face_metrics.expression_distance(analysed.shape, drive.shape)
-        table["id_leak"] = face_metrics.cosine_to(analysed.embeddings, face_metrics.identity_of(drive.embeddings))
+        table["id_leak"] = face_metrics.cosine_to(
+            analysed.embeddings, face_metrics.identity_of(drive.embeddings)
+        )
         if (gaze := self.model("gaze")) is not None:
             table["gaze"] = face_metrics.gaze_angle(
                 gaze.predict(pred, analysed.boxes), gaze.predict(driving, drive.boxes)

@@ -21,7 +21,9 @@ EVAL_WEIGHTS = [
 @pytest.fixture(scope="session")
 def photos() -> Path:
     if not photos_present():
-        pytest.fail(f"the face_recognition test photos are not in {PHOTO_DIR}: run `make setup` (python -m evaluation.assets)")
+        pytest.fail(
+            f"the face_recognition test photos are not in {PHOTO_DIR}: run `make setup` (python -m evaluation.assets)"
+        )
     return PHOTO_DIR
 
 

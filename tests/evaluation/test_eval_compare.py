@@ -24,7 +24,9 @@ def noisy(frames: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
     return np.clip(frames.astype(float) + rng.normal(0, sigma, frames.shape), 0, 255).astype(np.uint8)
 
 
-def test_insightface_path_scores_every_metric_on_tiny_weights(carphone: np.ndarray, tiny_eval_weights: Path) -> None:
+def test_insightface_path_scores_every_metric_on_tiny_weights(
+    carphone: np.ndarray, tiny_eval_weights: Path
+) -> None:
     clip = carphone[:3]  # the networks are full-size (random weights): few frames keep this short on a CPU
     evaluator = Evaluator(tiny_eval_weights, "insightface", "cpu")
     other = evaluator.score_clip(noisy(clip, 8), clip, clip="noisy")
@@ -33,7 +35,13 @@ def test_insightface_path_scores_every_metric_on_tiny_weights(carphone: np.ndarr
     assert summary["skipped"] == {}, summary["skipped"]
     assert all(math.isfinite(summary["metrics"][name]) for name in METRICS), summary["metrics"]
     assert summary["samples"]["fvd"] == 2 and summary["samples"]["fid"] == 2 * len(clip)
-    assert set(summary["weights"]) >= {"arcface_r50", "landmark_2d106", "lpips_alexnet", "fid_inception", "fvd_i3d"}
+    assert set(summary["weights"]) >= {
+        "arcface_r50",
+        "landmark_2d106",
+        "lpips_alexnet",
+        "fid_inception",
+        "fvd_i3d",
+    }
     # The clip scored against itself: no reconstruction error, the same landmarks, pose and gaze.
     frames = same.frames
     assert (frames["l1"] == 0).all() and np.allclose(frames["lpips"], 0, atol=1e-6)
@@ -53,7 +61,9 @@ def weights_subset(source: Path, dest: Path, names: list[str]) -> Path:
 
 
 @pytest.mark.slow
-def test_compare_cli_writes_metrics_and_frames(carphone: np.ndarray, tiny_eval_weights: Path, tmp_path: Path) -> None:
+def test_compare_cli_writes_metrics_and_frames(
+    carphone: np.ndarray, tiny_eval_weights: Path, tmp_path: Path
+) -> None:
     """dlib backend; the weights folder lacks FID's Inception and L2CS: those two are skipped with the
     file named, the rest are numbers (FVD too has a reason: one 8-frame video is one sample)."""
     weights = weights_subset(tiny_eval_weights, tmp_path / "weights", ["lpips_alexnet", "fvd_i3d"])
@@ -71,13 +81,19 @@ def test_compare_cli_writes_metrics_and_frames(carphone: np.ndarray, tiny_eval_w
     assert summary["backend"] == "dlib" and summary["frames"] == len(carphone)
     skipped = summary["skipped"]
     assert set(skipped) == {"fid", "gaze", "fvd"}, skipped
-    assert "pt_inception-2015-12-05-6726825d.pth" in skipped["fid"] and "L2CSNet_gaze360.pkl" in skipped["gaze"]
+    assert (
+        "pt_inception-2015-12-05-6726825d.pth" in skipped["fid"] and "L2CSNet_gaze360.pkl" in skipped["gaze"]
+    )
     assert "at least 2 samples" in skipped["fvd"]
     assert all(summary["metrics"][name] is None for name in skipped)
     assert all(math.isfinite(summary["metrics"][name]) for name in set(METRICS) - set(skipped))
-    assert summary["metrics"]["psnr"] < 60 and summary["metrics"]["csim"] > 0.9  # same man, re-encoded + noise
+    assert (
+        summary["metrics"]["psnr"] < 60 and summary["metrics"]["csim"] > 0.9
+    )  # same man, re-encoded + noise
     frames = pd.read_parquet(out / "frames.parquet")
-    assert len(frames) == len(carphone) and {"psnr", "lpips", "csim", "akd", "apd", "aed", "id_leak"} <= set(frames)
+    assert len(frames) == len(carphone) and {"psnr", "lpips", "csim", "akd", "apd", "aed", "id_leak"} <= set(
+        frames
+    )
 
 
 def test_compare_refuses_a_missing_video(tmp_path: Path) -> None:

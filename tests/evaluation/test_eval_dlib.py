@@ -19,14 +19,19 @@ def embedding(backend, path: Path) -> np.ndarray:
 
 def test_same_person_scores_higher_than_different_people(photos: Path, dlib_backend) -> None:
     obama = embedding(dlib_backend, photos / "obama.jpg")
-    same = [float(face_metrics.cosine_to(embedding(dlib_backend, photos / n)[None], obama)[0]) for n in ("obama2.jpg", "obama3.jpg")]
+    same = [
+        float(face_metrics.cosine_to(embedding(dlib_backend, photos / n)[None], obama)[0])
+        for n in ("obama2.jpg", "obama3.jpg")
+    ]
     other = float(face_metrics.cosine_to(embedding(dlib_backend, photos / "biden.jpg")[None], obama)[0])
     assert min(same) > other, (same, other)
 
 
 def shifted(frames: np.ndarray, dx: float) -> np.ndarray:
     matrix = np.float32([[1, 0, dx], [0, 1, 0]])
-    return np.stack([cv2.warpAffine(f, matrix, f.shape[1::-1], borderMode=cv2.BORDER_REPLICATE) for f in frames])
+    return np.stack(
+        [cv2.warpAffine(f, matrix, f.shape[1::-1], borderMode=cv2.BORDER_REPLICATE) for f in frames]
+    )
 
 
 def test_akd_is_zero_on_itself_and_grows_with_a_shift(carphone: np.ndarray, dlib_backend) -> None:

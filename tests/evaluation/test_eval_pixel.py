@@ -25,7 +25,9 @@ def test_psnr_and_l1_match_a_known_error() -> None:
     b = a.copy()
     b[0] += 10  # every pixel off by 10: MSE 100, PSNR 10*log10(255^2/100)
     b[1, :8] += 20  # half the pixels off by 20: MSE 200
-    assert pixel.psnr(b, a) == pytest.approx([10 * np.log10(255**2 / 100), 10 * np.log10(255**2 / 200)], abs=1e-4)
+    assert pixel.psnr(b, a) == pytest.approx(
+        [10 * np.log10(255**2 / 100), 10 * np.log10(255**2 / 200)], abs=1e-4
+    )
     assert pixel.l1(b, a) == pytest.approx([10 / 255, 10 / 255], abs=1e-6)
 
 
