@@ -3,13 +3,14 @@ manifest's names, with tiny random-weight writers in the same on-disk formats fo
 
 - lpips_alexnet: torchvision's alexnet-owt state dict (torch.save); LPIPS reads `features.*` only.
 - fid_inception: pytorch-fid's pt_inception-2015-12-05 state dict (torchvision Inception3 names, 1008
-  classes); read into torchvision's Inception3 (see docs/evaluation.md for the pooling difference).
+  classes); read into torchvision's Inception3 with pytorch-fid's pooling (InceptionFeatures).
 - fvd_i3d: StyleGAN-V's TorchScript I3D, called as i3d(videos, rescale=False, resize=False,
   return_features=True) on [N,3,T,224,224] in [-1,1] -> [N,400].
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,14 +84,40 @@ def write_tiny_alexnet(dest: Path, seed: int) -> None:
 # FID Inception
 
 
+def _fid_pool(block: nn.Module, pool: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Give an Inception block pytorch-fid's pooling branch. The TF graph the FID weights come from
+    averages without counting padding and uses a max pool in the last block, where torchvision's blocks
+    count padding: the block's pool branch is recomputed with `pool` (same weights, one 1x1 conv more)."""
+    inner = block._forward
+
+    def forward(x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = inner(x)
+        outputs[-1] = block.branch_pool(pool(x))
+        return outputs
+
+    block._forward = forward
+
+
+def _avg_no_pad(x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _max_same(x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
 class InceptionFeatures(nn.Module):
-    """Inception-v3 pool3 features (2048) of uint8-range images resized to 299 and scaled to [-1, 1]."""
+    """pytorch-fid's FID Inception-v3: pool3 features (2048) of images resized to 299 (bilinear) and
+    scaled to [-1, 1]; torchvision's Inception3 with pytorch-fid's pooling in the A, C and E blocks."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = torchvision.models.inception_v3(
             weights=None, aux_logits=False, init_weights=False, num_classes=1008, transform_input=False
         )
+        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b"):
+            _fid_pool(getattr(self.net, name), _avg_no_pad)
+        _fid_pool(self.net.Mixed_7c, _max_same)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, H, W) float in [0, 1] -> (N, 2048)."""

@@ -73,3 +73,20 @@ def test_frechet_distance_matches_the_general_matrix_square_root() -> None:
         root = np.real(linalg.sqrtm(cov_a @ cov_b))
         expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)
         assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_fid_inception_pools_like_pytorch_fid() -> None:
+    """The A/C/E_1 blocks average without counting padding and E_2 max-pools (pytorch-fid's
+    FIDInception blocks): recomputed here for one block from its own layers."""
+    import torch
+
+    from evaluation.backbones import InceptionFeatures
+
+    torch.manual_seed(0)
+    block = InceptionFeatures().net.Mixed_7c.eval()
+    x = torch.randn(1, 2048, 8, 8)
+    with torch.no_grad():
+        expected = block.branch_pool(torch.nn.functional.max_pool2d(x, 3, 1, 1))
+        plain = block.branch_pool(torch.nn.functional.avg_pool2d(x, 3, 1, 1))
+        out = block(x)[:, -192:]
+    assert torch.allclose(out, expected) and not torch.allclose(out, plain)
