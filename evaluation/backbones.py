@@ -115,7 +115,16 @@ class InceptionFeatures(nn.Module):
         self.net = torchvision.models.inception_v3(
             weights=None, aux_logits=False, init_weights=False, num_classes=1008, transform_input=False
         )
-        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b"):
+        for name in (
+            "Mixed_5b",
+            "Mixed_5c",
+            "Mixed_5d",
+            "Mixed_6b",
+            "Mixed_6c",
+            "Mixed_6d",
+            "Mixed_6e",
+            "Mixed_7b",
+        ):
             _fid_pool(getattr(self.net, name), _avg_no_pad)
         _fid_pool(self.net.Mixed_7c, _max_same)
 

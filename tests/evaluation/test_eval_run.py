@@ -20,14 +20,43 @@ sys.path.insert(0, str(REPO / "tests" / "train"))  # the trainer tests' syntheti
 from shard_helpers import write_synthetic_shards  # noqa: E402
 
 
-@pytest.mark.slow
-def test_run_scores_a_checkpoint_on_held_out_clips(tmp_path: Path, tiny_eval_weights: Path) -> None:
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.loading import write_tiny_weights
 
-    model_dir = write_tiny_weights(tmp_path / "model", seed=0)
-    shards = tmp_path / "shards_out"
-    write_synthetic_shards(shards, samples=2, shards=1, frames=12, size=64, split="train")
-    write_synthetic_shards(shards, samples=3, shards=1, frames=12, size=64, split="test", first=10)
+    return write_tiny_weights(tmp_path_factory.mktemp("model"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two train clips and three held-out test clips (keys clip10-12), 64², 12 frames."""
+    out = tmp_path_factory.mktemp("shards_out")
+    write_synthetic_shards(out, samples=2, shards=1, frames=12, size=64, split="train")
+    write_synthetic_shards(out, samples=3, shards=1, frames=12, size=64, split="test", first=10)
+    return out
+
+
+def test_training_validation_metrics_on_held_out_clips(model_dir: Path, shards: Path) -> None:
+    """validation.eval_every's numbers: PSNR / SSIM / L1 of K held-out clips sampled in a few steps."""
+    from model.loading import load_megactor
+    from train.config import ValidationConfig
+    from train.data import DataConfig, fixed_batch
+    from train.validation import held_out_metrics
+
+    data = DataConfig(root=str(shards), split="test", num_frames=3, stride=1, resolution=64, num_workers=0)
+    batch = fixed_batch(data, 2)
+    config = ValidationConfig(eval_clips=2, eval_steps=1)
+    model = load_megactor(model_dir)
+    first = held_out_metrics(model, batch, config)
+    assert set(first) == {"psnr", "ssim", "l1"} and all(math.isfinite(v) for v in first.values())
+    assert 0 < first["l1"] <= 1 and first["ssim"] <= 1
+    assert held_out_metrics(model, batch, config) == first  # seeded sampling: the same numbers again
+
+
+@pytest.mark.slow
+def test_run_scores_a_checkpoint_on_held_out_clips(
+    tmp_path: Path, tiny_eval_weights: Path, model_dir: Path, shards: Path
+) -> None:
     out = tmp_path / "eval"
     cmd = [
         sys.executable, "-m", "evaluation", "run", "--checkpoint", str(model_dir / "megactor"),
