@@ -118,7 +118,7 @@ def generate(
 
 def write_grid(path: Path, panels: list[np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    count = min(len(p) for p in panels)
+    count = min((len(p) for p in panels if len(p) > 1), default=1)  # a still (the reference) is repeated
     grid = np.concatenate(
         [np.broadcast_to(p, (count, *p.shape[1:])) if len(p) == 1 else p[:count] for p in panels], axis=2
     )
