@@ -41,7 +41,8 @@ def fetch_photos(folder: Path = PHOTO_DIR) -> Path:
                 name = Path(member.name).name
                 if "/tests/test_images/" in member.name and name in PHOTOS and member.isfile():
                     data = tar.extractfile(member)
-                    assert data is not None
+                    if data is None:
+                        raise RuntimeError(f"{archive.name}: cannot read {member.name}")
                     (staging / name).write_bytes(data.read())
         if not photos_present(staging):
             raise RuntimeError(f"{archive.name} lacks some of {PHOTOS}")
