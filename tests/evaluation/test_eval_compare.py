@@ -104,3 +104,15 @@ def test_compare_refuses_a_missing_video(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0 and "no such file" in result.stderr
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_an_empty_weights_folder_skips_every_network_metric_with_its_file(tmp_path: Path) -> None:
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    evaluator = Evaluator(tmp_path, "insightface", "cpu")
+    summary = evaluator.summarise([evaluator.score_clip(noisy(frames, 10), frames)])
+    assert all(math.isfinite(summary["metrics"][name]) for name in ("psnr", "ssim", "l1"))
+    skipped = summary["skipped"]
+    assert set(skipped) == set(METRICS) - {"psnr", "ssim", "l1"}, skipped
+    assert "alexnet-owt-7be5be79.pth" in skipped["lpips"] and "i3d_torchscript.pt" in skipped["fvd"]
+    for name in ("csim", "id_leak", "akd", "apd", "aed", "gaze"):  # one error naming every buffalo_l file
+        assert "det_10g.onnx" in skipped[name] and "2d106det.onnx" in skipped[name], skipped[name]
