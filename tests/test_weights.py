@@ -132,4 +132,14 @@ def test_jobs_name_what_the_trainer_and_evaluation_read() -> None:
         "unet",
         "vae",
     ]  # fmt: skip  (the four folders model/components.py reads)
-    assert w.job_names("eval") == ["fid_inception", "fvd_i3d", "lpips_alexnet"]
+    assert w.job_names("eval") == [
+        "arcface_r50",
+        "buffalo_l",
+        "fid_inception",
+        "fvd_i3d",
+        "l2cs_gaze360",
+        "landmark_1k3d68",
+        "landmark_2d106",
+        "lpips_alexnet",
+        "scrfd_10g",
+    ]  # fmt: skip  (the backbones, buffalo_l's detector / ArcFace / landmarks, L2CS)

@@ -62,6 +62,11 @@ class ValidationConfig:
     num_inference_steps: int = 25
     guidance_scale: float = 4.5
     seed: int = 0
+    # Reconstruction metrics (PSNR, SSIM, L1: evaluation/pixel.py) of the first eval_clips held-out clips,
+    # sampled with eval_steps DDIM steps, logged as val/<metric> next to the loss; 0 = never.
+    eval_every: int = 0
+    eval_clips: int = 2
+    eval_steps: int = 4
 
 
 @dataclass

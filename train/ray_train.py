@@ -57,7 +57,7 @@ from train.loop import (
     unwrap,
     wrap_model,
 )
-from train.validation import write_validation_video
+from train.validation import held_out_metrics, write_validation_video
 
 log = logging.getLogger("train")
 
@@ -189,9 +189,11 @@ def run_loop(
     writer = step_log = None
     section = config.validation
     # Every rank holds the held-out batch: the loss runs through the wrapped model (collective under FSDP).
-    wanted = section.loss_every > 0 or section.every > 0
+    wanted = section.loss_every > 0 or section.every > 0 or section.eval_every > 0
     held_out = held_out_batch(config, rank) if wanted else None
-    video = held_out is not None and section.every > 0 and config.strategy != "fsdp"
+    video = (
+        held_out is not None and (section.every > 0 or section.eval_every > 0) and config.strategy != "fsdp"
+    )
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -221,8 +223,9 @@ def run_loop(
     def validate() -> None:
         """Held-out loss (fixed noise and timesteps) and video, with the EMA weights when EMA is on."""
         loss_now = section.loss_every > 0 and state.step % section.loss_every == 0
-        video_now = video and rank == 0 and state.step % section.every == 0
-        if held_out is None or not (loss_now or video_now):
+        video_now = video and rank == 0 and section.every > 0 and state.step % section.every == 0
+        metrics_now = video and rank == 0 and section.eval_every > 0 and state.step % section.eval_every == 0
+        if held_out is None or not (loss_now or video_now or metrics_now):
             return
         with averaged_weights(ema, params):
             if loss_now:
@@ -235,6 +238,9 @@ def run_loop(
                 path = write_validation_video(unwrap(model), held_out, section, run_dir / "validation",
                                               state.step)  # fmt: skip
                 log.info("step %d: validation video %s", state.step, path)
+            if metrics_now and writer is not None:
+                for name, value in held_out_metrics(unwrap(model), held_out, section).items():
+                    writer.add_scalar(f"val/{name}", value, state.step)
         unwrap(model).train()  # sampling and the loss leave the model in eval mode
 
     while state.step < config.max_steps:

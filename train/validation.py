@@ -40,6 +40,41 @@ def render_validation(model: MegActor, batch: dict[str, Any], config: Validation
     return np.concatenate([to_uint8_frames(p) for p in panels], axis=2)  # (F, H, 3W, 3)
 
 
+@torch.no_grad()
+def held_out_metrics(model: MegActor, batch: dict[str, Any], config: ValidationConfig) -> dict[str, float]:
+    """PSNR, SSIM and L1 of the first `eval_clips` held-out clips animated from their own reference and
+    driving frames with `eval_steps` sampling steps (few: a trend next to the loss, not the final
+    numbers; `python -m evaluation run` gives those), frames pooled over clips."""
+    from evaluation import pixel
+
+    model_device = next(model.denoiser.parameters()).device
+    sampling = SamplingConfig(
+        num_inference_steps=config.eval_steps,
+        guidance_scale=config.guidance_scale,
+        seed=config.seed,
+        context_frames=batch["driving"].shape[1],
+        context_overlap=0,
+        progress=False,
+    )
+    pipeline = MegActorPipeline(model)
+    generated, targets = [], []
+    for i in range(min(config.eval_clips, len(batch["key"]))):
+        video = pipeline(
+            batch["reference"][i].to(model_device),
+            batch["driving"][i].to(model_device),
+            batch["background_mask"][i].to(model_device),
+            sampling,
+        )
+        generated.append(to_uint8_frames(video.cpu()))
+        targets.append(to_uint8_frames(batch["target"][i]))
+    pred, target = np.concatenate(generated), np.concatenate(targets)
+    return {
+        "psnr": float(pixel.psnr(pred, target).mean()),
+        "ssim": float(pixel.ssim(pred, target).mean()),
+        "l1": float(pixel.l1(pred, target).mean()),
+    }
+
+
 def write_validation_video(
     model: MegActor, batch: dict[str, Any], config: ValidationConfig, out_dir: Path, step: int
 ) -> Path:
