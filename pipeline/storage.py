@@ -83,6 +83,27 @@ def list_names(folder: str | os.PathLike) -> list[str]:
     return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
 
 
+def list_dirs(folder: str | os.PathLike) -> list[str]:
+    """Sorted names of the folders (common prefixes) directly in `folder`."""
+    fs, path = filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+
+
+def download_tree(location: str | os.PathLike, local: str | os.PathLike) -> Path:
+    """Copy every file under `location` into the local folder `local` (same relative names)."""
+    fs, path = filesystem(location)
+    root = Path(local)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            target = root / info.path[len(path) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as stream, open(target, "wb") as handle:
+                while chunk := stream.read(COPY_CHUNK):
+                    handle.write(chunk)
+    return root
+
+
 def makedirs(folder: str | os.PathLike) -> None:
     """A local folder; nothing on an object store (prefixes need no creating)."""
     if not is_remote(folder):

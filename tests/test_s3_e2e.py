@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import webdataset as wds
 from ray_helpers import kill_tree
 from s3_helpers import aws_environment, moto_server, object_keys, s3_client
@@ -222,3 +223,22 @@ def test_training_streams_shards_from_s3_checkpoints_there_and_resumes(s3_demo: 
     )
     assert any("/tensorboard/events.out.tfevents" in k for k in objects), objects
     assert "train/s3run/validation/step_0000004.mp4" in objects, objects
+
+
+def test_stage_2_starts_from_the_stage_1_checkpoint_on_s3(s3: str, tmp_path: Path) -> None:
+    """init_from=<run name> under an s3:// storage_path: the latest checkpoint's model, downloaded."""
+    from safetensors.torch import load_file
+
+    from train.ray_train import build_model, prepare
+
+    if not registered_steps(BUCKET, "train/s3run"):
+        pytest.skip("needs the training run of the test above")
+    config = load_train_config("stage2", [TINY], [f"storage_path={s3}/train", "model.init_from=s3run"])
+    config = prepare(config)
+    assert config.model.init_from == f"{s3}/train/s3run/checkpoint_0000006/model"
+    model = build_model(config)
+    storage.download_tree(config.model.init_from, tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    state = model.state_dict()
+    shared = [name for name in saved if name in state]
+    assert shared and all(torch.equal(state[name], saved[name]) for name in shared)

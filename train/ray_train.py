@@ -39,6 +39,7 @@ from train.config import ModelSection, TrainConfig
 from train.data import STAT_NAMES, NoShards, fixed_batch, make_loader
 from train.ema import averaged_weights, make_ema
 from train.loop import (
+    MODEL_DIR,
     TrainState,
     batches_after,
     data_position,
@@ -84,6 +85,10 @@ def build_model(config: TrainConfig, resume_dir: Path | None = None) -> MegActor
     weights_dir = model_weights_dir(config.model)
     if resume_dir is not None:
         return load_training_model(weights_dir, resume_dir, config.model.config)
+    if config.model.init_from and storage.is_remote(config.model.init_from):  # a checkpoint in the store
+        with tempfile.TemporaryDirectory(prefix="init-") as local:
+            storage.download_tree(config.model.init_from, local)
+            return load_megactor(weights_dir, local, overrides=config.model.config)
     if config.model.init_from:
         return load_megactor(weights_dir, config.model.init_from, overrides=config.model.config)
     return build_megactor(weights_dir, config.megactor_config())
@@ -348,6 +353,26 @@ def run_loop(
     )  # fmt: skip
 
 
+def remote_init_checkpoint(init_from: str, storage_path: str) -> str:
+    """A run name under a remote storage_path (or a run / checkpoint URI) -> the URI of its latest
+    checkpoint's MegActor folder, which each worker downloads (build_model)."""
+    for run in (init_from, storage.join(storage_path, init_from)):
+        if not storage.is_remote(run):
+            continue
+        if storage.is_file(storage.join(run, "model.safetensors")):
+            return run
+        if storage.is_file(storage.join(run, MODEL_DIR, "model.safetensors")):
+            return storage.join(run, MODEL_DIR)
+        steps = [name for name in storage.list_dirs(run) if name.startswith("checkpoint_")]
+        for name in sorted(steps, reverse=True):  # checkpoint_<step, 7 digits>: the latest first
+            if storage.is_file(storage.join(run, name, MODEL_DIR, "model.safetensors")):
+                return storage.join(run, name, MODEL_DIR)
+    raise FileNotFoundError(
+        f"model.init_from={init_from!r}: no checkpoint under {storage.join(storage_path, init_from)}. "
+        "Train stage 1 first."
+    )
+
+
 def prepare(config: TrainConfig) -> TrainConfig:
     """On the driver: make local paths absolute (workers and jobs run elsewhere) and find init_from."""
 
@@ -358,7 +383,9 @@ def prepare(config: TrainConfig) -> TrainConfig:
     config.data.root = absolute(config.data.root)
     config.model.weights_dir = absolute(config.model.weights_dir)
     init = config.model.init_from
-    if init and init.lower() != "none":
+    if init and init.lower() != "none" and storage.is_remote(config.storage_path) and not Path(init).exists():
+        config.model.init_from = remote_init_checkpoint(init, config.storage_path)
+    elif init and init.lower() != "none":
         config.model.init_from = str(resolve_init_checkpoint(init, config.storage_path))
     else:
         config.model.init_from = None
