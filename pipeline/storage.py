@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -231,9 +231,3 @@ def upload_tree(local: str | os.PathLike, location: str | os.PathLike) -> None:
         target = join(location, *path.relative_to(root).parts)
         makedirs(parent_of(target))
         put_file(path, target)
-
-
-def describe(location: str | os.PathLike) -> dict[str, Any]:
-    """What a location resolves to (for logs and errors)."""
-    fs, path = filesystem(location)
-    return {"filesystem": fs.type_name, "path": path}
