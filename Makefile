@@ -47,7 +47,7 @@ shards: setup ## build shards and their gaze subset: DATASET=demo|vfhq|celebvhq 
 
 shards-job: setup ## the same build as a Ray Job: ray job submit to RAY_JOB_ADDRESS (default: make ray-up's head)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) --working-dir . -- \
-		python jobs/shards.py --dataset $(DATASET) --root $(abspath $(ROOT)) --out $(abspath $(OUT)) $(ARGS)
+		python jobs/shards.py --dataset $(DATASET) --root $(abspath $(ROOT)) --out $(if $(findstring ://,$(OUT)),$(OUT),$(abspath $(OUT))) $(ARGS)
 
 train-demo: setup ## tiny stage 1, then stage 2 from it, on the demo shards: ray job submit to a local head it starts and stops
 	test -f $(DEMO_OUT)/gaze/select.json || $(MAKE) shards DATASET=demo OUT=$(DEMO_OUT)

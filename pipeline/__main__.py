@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="build (or resume building) a shard set")
     build.add_argument("--dataset", choices=DATASETS, default="demo")
     build.add_argument("--root", required=True, help="dataset folder (demo: where to generate it)")
-    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--out", required=True, help="output folder or URI (s3://bucket/prefix)")
     build.add_argument(
         "--config", help="YAML overlay on configs/data/<dataset>.yaml, e.g. configs/data/cluster-8gpu.yaml"
     )
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("dir")
     select = commands.add_parser("select", help="write the gaze subset (DIR/gaze/) of a built shard set")
-    select.add_argument("--out", required=True, help="the build's output folder")
+    select.add_argument("--out", required=True, help="the build's output folder or URI (s3://bucket/prefix)")
     rule = select.add_mutually_exclusive_group()
     rule.add_argument("--top", type=float, help="keep this fraction of the scored samples (default 0.05)")
     rule.add_argument("--threshold", type=float, help="keep samples whose score is above this value")
@@ -110,7 +110,7 @@ def _select(args: argparse.Namespace) -> int:
 
     min_frames = args.min_frames if args.min_frames is not None else stage2_span(args.train_config)
     selection, written = run_select(
-        Path(args.out), top=args.top, threshold=args.threshold, score=args.score, min_frames=min_frames
+        args.out, top=args.top, threshold=args.threshold, score=args.score, min_frames=min_frames
     )
     state = "written" if written else "unchanged"
     log.info(
@@ -122,6 +122,10 @@ def _select(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import run_report
+    from pipeline.storage import is_remote
+
+    if is_remote(args.out):
+        raise ValueError(f"report runs on a local folder (the notebook opens tars by path), not {args.out}")
 
     log.info("report written: %s", run_report(Path(args.out), args.html))
     return 0

@@ -1,11 +1,18 @@
 """One shard build: scan the source, plan the manifest, run the DAG for what is not built yet, report.
 
-Output folder layout:
+The output is a local folder or an object-store prefix (s3://bucket/prefix; pipeline/storage.py). Output
+layout:
     build.json          the recipe (settings that change samples) and the last run's summary
     manifest.parquet    one row per clip segment, with its bucket
     shards/             shard-<hash>.tar, .index.parquet, .stats.json (the commit marker)
     index.parquet       every committed sample (merged index parts)
     failures.parquet    clip_id, dataset, key, stage, error, message of every clip that failed
+    .build.lock         the run id of the build that owns the output (the fence)
+
+One build at a time: locally an fcntl lock on .build.lock excludes a second build. An object store has
+no lock: a build writes its run id to .build.lock (one PUT) and the newest build owns the prefix; a
+writer commits a shard's marker only while the fence still holds its run id, so an older build (or a
+worker orphaned by a killed one) stops at its next commit (StaleRun) instead of mixing into a rerun.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -26,7 +32,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline import __version__
+from pipeline import __version__, storage
 from pipeline.config import BuildConfig
 from pipeline.manifest import build_manifest
 from pipeline.sources import ScanResult, SourceError, scan_source
@@ -36,6 +42,7 @@ from pipeline.writer import (
     atomic_write_bytes,
     atomic_write_parquet,
     committed_keys,
+    committed_names,
     merge_index,
     read_stats,
     remove_uncommitted,
@@ -86,14 +93,14 @@ def _recipe(config: BuildConfig) -> dict[str, Any]:
     return {name: data[name] for name in RECIPE_FIELDS}
 
 
-def _check_recipe(out: Path, config: BuildConfig) -> None:
-    path = out / "build.json"
-    if not path.is_file():
+def _check_recipe(out: str, config: BuildConfig) -> None:
+    path = storage.join(out, "build.json")
+    if not storage.is_file(path):
         return
-    previous = json.loads(path.read_text()).get("recipe", {})
+    previous = json.loads(storage.read_bytes(path)).get("recipe", {})
     wanted = _recipe(config)
     changed = {k: (previous.get(k), wanted[k]) for k in wanted if previous.get(k) != wanted[k]}
-    if changed and (out / "shards").is_dir() and any((out / "shards").glob("*.stats.json")):
+    if changed and committed_names(storage.join(out, "shards")):
         details = "; ".join(
             f"{k}: built with {old!r}, asked for {new!r}" for k, (old, new) in changed.items()
         )
@@ -103,11 +110,11 @@ def _check_recipe(out: Path, config: BuildConfig) -> None:
         )
 
 
-def _clear_outputs(out: Path) -> None:
-    shutil.rmtree(out / "shards", ignore_errors=True)
-    shutil.rmtree(out / "gaze", ignore_errors=True)  # a subset of the old shards: stale once they go
+def _clear_outputs(out: str) -> None:
+    storage.delete_tree(storage.join(out, "shards"))
+    storage.delete_tree(storage.join(out, "gaze"))  # a subset of the old shards: stale once they go
     for name in ("index.parquet", "failures.parquet", "manifest.parquet", "identities.parquet", "build.json"):
-        (out / name).unlink(missing_ok=True)
+        storage.delete(storage.join(out, name))
 
 
 def prepare_stage_weights(config: BuildConfig) -> Path | None:
@@ -124,14 +131,14 @@ def prepare_stage_weights(config: BuildConfig) -> Path | None:
     return weights_dir
 
 
-def _identity_bank(manifest: pd.DataFrame, config: BuildConfig, out: Path, weights_dir: Path | None) -> Path:
+def _identity_bank(manifest: pd.DataFrame, config: BuildConfig, out: str, weights_dir: Path | None) -> str:
     """identities.parquet from the whole manifest (not only what is left), so a resumed run draws
     swap sources from the same bank."""
     from pipeline.dag import init_ray
     from pipeline.identity_bank import BankPool, build_identity_bank
 
     (swap,) = [stage for stage in config.stages if stage.name == "swap"]
-    bank_path = out / "identities.parquet"
+    bank_path = storage.join(out, "identities.parquet")
     device = swap.options.get("device", "auto")
     # A Ray Data pass on an actor pool with the swap stage's resources (the same models on the same devices).
     pool = BankPool(size=swap.pool_size, num_cpus=swap.num_cpus, num_gpus=swap.num_gpus)
@@ -171,26 +178,32 @@ def nothing_usable_message(scan: ScanResult) -> str:
 
 
 def run_build(config: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildSummary:
-    """Build (or finish building) the shard set of `config` in config.out."""
+    """Build (or finish building) the shard set of `config` in config.out (a folder or a URI)."""
     started = time.perf_counter()
-    out = Path(config.out)
-    shards_dir = out / "shards"
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = out / LOCK_NAME
+    out = config.out if storage.is_remote(config.out) else str(Path(config.out).resolve())
+    shards_dir = storage.join(out, "shards")
+    storage.makedirs(shards_dir)
+    lock_path = storage.join(out, LOCK_NAME)
+    # The run id in the lock file fences off writers a killed earlier run may have left behind.
+    run_id = uuid.uuid4().hex
+    fence = (lock_path, run_id)
+    if storage.is_remote(out):  # no lock on an object store: the newest build owns the prefix
+        storage.put_bytes(lock_path, run_id.encode())
+        log.info(
+            "%s: this build (run %s) owns the prefix; an older build stops at its next commit", out, run_id
+        )
+        return _build_locked(config, out, shards_dir, overwrite, progress, started, fence)
     lock = open(lock_path, "a+")  # noqa: SIM115 - held for the whole build
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         raise RuntimeError(f"another build is writing to {out}") from exc
     try:
-        # The run id in the lock file fences off writers a killed earlier run may have left behind.
-        run_id = uuid.uuid4().hex
         lock.seek(0)
         lock.truncate()
         lock.write(run_id)
         lock.flush()
         os.fsync(lock.fileno())
-        fence = (str(lock_path.resolve()), run_id)
         return _build_locked(config, out, shards_dir, overwrite, progress, started, fence)
     finally:
         lock.close()
@@ -198,8 +211,8 @@ def run_build(config: BuildConfig, overwrite: bool = False, progress: bool = Tru
 
 def _build_locked(
     config: BuildConfig,
-    out: Path,
-    shards_dir: Path,
+    out: str,
+    shards_dir: str,
     overwrite: bool,
     progress: bool,
     started: float,
@@ -207,7 +220,7 @@ def _build_locked(
 ) -> BuildSummary:
     if overwrite:
         _clear_outputs(out)
-        shards_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(shards_dir)
     _check_recipe(out, config)
     weights_dir = prepare_stage_weights(config)
     removed = remove_uncommitted(shards_dir)
@@ -218,7 +231,7 @@ def _build_locked(
         write_failures(out, _failure_rows(scan.failures))
         raise SourceError(nothing_usable_message(scan))
     manifest, manifest_failures = build_manifest(scan, config)
-    atomic_write_parquet(out / "manifest.parquet", manifest)
+    atomic_write_parquet(storage.join(out, "manifest.parquet"), manifest)
     done = committed_keys(shards_dir)
     todo = manifest[~manifest["key"].isin(done)].reset_index(drop=True)
     failures = _failure_rows(scan.failures + manifest_failures)
@@ -265,7 +278,7 @@ def _build_locked(
 def _run_dag(
     todo: pd.DataFrame,
     config: BuildConfig,
-    shards_dir: Path,
+    shards_dir: str,
     progress: bool,
     fence: tuple[str, str],
     stage_context: dict[str, Any],
@@ -275,13 +288,15 @@ def _run_dag(
     from pipeline.visibility import check_nodes_see
 
     init_ray(config.num_cpus)
-    shared = {"output folder": str(shards_dir.resolve()), "dataset root": str(Path(config.root).resolve())}
+    shared = {"dataset root": str(Path(config.root).resolve())}
+    if not storage.is_remote(shards_dir):
+        shared["output folder"] = shards_dir
     if stage_context.get("weights_dir"):
         shared["WEIGHTS_DIR"] = str(Path(stage_context["weights_dir"]).resolve())
     check_nodes_see(shared, shards_dir)
     failures: list[dict[str, str]] = []
     seen: set[str] = set()
-    dataset = build_dataset(todo, config, str(shards_dir.resolve()), fence, stage_context)
+    dataset = build_dataset(todo, config, shards_dir, fence, stage_context)
     with tqdm(total=len(todo), unit="sample", desc="shards", disable=not progress) as bar:
         for row in dataset.iter_rows():
             seen.add(str(row["key"]))
@@ -310,11 +325,11 @@ def _run_dag(
     return failures
 
 
-def _write_build_json(out: Path, config: BuildConfig, summary: BuildSummary | None) -> None:
+def _write_build_json(out: str, config: BuildConfig, summary: BuildSummary | None) -> None:
     data = {
         "pipeline_version": __version__,
         "recipe": _recipe(config),
         "config": dataclasses.asdict(config),
         "last_run": dataclasses.asdict(summary) if summary else None,
     }
-    atomic_write_bytes(out / "build.json", json.dumps(data, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(storage.join(out, "build.json"), json.dumps(data, indent=1, sort_keys=True).encode())

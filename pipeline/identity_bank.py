@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import storage
 from pipeline.faces import (
     ARCFACE,
     find_face,
@@ -51,10 +52,11 @@ BANK_COLUMNS = [
 ]
 
 
-def load_identity_bank(path: Path) -> pd.DataFrame:
-    if not path.is_file():
+def load_identity_bank(path: Path | str) -> pd.DataFrame:
+    # a local path or a URI (s3://...): pipeline/storage.py
+    if not storage.is_file(path):
         raise FileNotFoundError(f"identity bank {path} does not exist; build it with build_identity_bank")
-    bank = pd.read_parquet(path)
+    bank = storage.read_parquet(path)
     missing = sorted(set(BANK_COLUMNS) - set(bank.columns))
     if missing:
         raise ValueError(f"identity bank {path} lacks columns {missing}")
@@ -257,7 +259,7 @@ def build_identity_bank(
     resolution: int,
     crop_scale: float,
     weights_dir: Path,
-    out_path: Path,
+    out_path: Path | str,
     frames_per_identity: int = 3,
     window_frames: int = 32,
     max_clips_per_identity: int = 3,
@@ -279,12 +281,11 @@ def build_identity_bank(
     ):
         if value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}")
-    out_path = Path(out_path)
     arcface_path = weight_paths(weights_dir, [ARCFACE])[ARCFACE]
     arcface_id = weights_id(arcface_path)
     wanted = manifest.drop_duplicates("identity")[["identity", "dataset"]]
     existing = pd.DataFrame(columns=BANK_COLUMNS)
-    if out_path.is_file():
+    if storage.is_file(out_path):
         existing = load_identity_bank(out_path)
         stale = existing["arcface_weights"] != arcface_id
         if stale.any():
@@ -320,7 +321,7 @@ def build_identity_bank(
     added = pd.DataFrame(rows, columns=BANK_COLUMNS)
     bank = pd.concat([existing, added], ignore_index=True) if len(existing) else added
     bank = bank.sort_values("identity").reset_index(drop=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(storage.parent_of(str(out_path)))
     atomic_write_parquet(out_path, bank)
     usable = int((bank["frames_used"] > 0).sum())
     log.info("identity bank %s: %d identities, %d usable", out_path, len(bank), usable)

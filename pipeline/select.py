@@ -4,9 +4,12 @@
     OUT/gaze/index.parquet
     OUT/gaze/select.json   score, rule, threshold, counts, selected keys (written last)
 
-Members are copied byte for byte from the main shards (no video is decoded). The subset is built in
-a temp folder beside OUT/gaze and renamed into place, so a reader sees the old subset or the new one,
-never half of one. A rerun that would select the same samples from the same shards writes nothing.
+Members are copied byte for byte from the main shards (no video is decoded). In a local folder the
+subset is built in a temp folder beside OUT/gaze and renamed into place, so a reader sees the old subset
+or the new one, never half of one. An object store has no rename: there select.json is deleted first,
+the new shards are committed (each behind its stats marker, as in the build), the old ones deleted,
+and select.json written last: while it is missing the subset is being replaced. A rerun that would
+select the same samples from the same shards writes nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pipeline import storage
 from pipeline.writer import atomic_write_bytes, merge_index, read_stats, write_shard, writer_row
 
 log = logging.getLogger(__name__)
@@ -89,24 +93,25 @@ def select_keys(
     return sorted(index.loc[keep, "key"].astype(str)), cut
 
 
-def _fingerprint(shards_dir: Path) -> str:
+def _fingerprint(shards_dir: str) -> str:
     names = sorted(s["shard"] for s in read_stats(shards_dir))
     return hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
 
 
-def _samples_per_shard(out: Path) -> int:
-    build_json = out / "build.json"
-    if build_json.is_file():
-        return int(json.loads(build_json.read_text()).get("config", {}).get("samples_per_shard", 4))
+def _samples_per_shard(out: str) -> int:
+    build_json = storage.join(out, "build.json")
+    if storage.is_file(build_json):
+        return int(json.loads(storage.read_bytes(build_json)).get("config", {}).get("samples_per_shard", 4))
     return 4
 
 
-def _copied_rows(out: Path, index: pd.DataFrame, keys: set[str]):
+def _copied_rows(out: str, index: pd.DataFrame, keys: set[str]):
     """Writer rows of the selected samples, read shard by shard from the main tars."""
     for shard, rows in index[index["key"].isin(keys)].groupby("shard", sort=True):
         wanted = {str(k): row for k, row in zip(rows["key"], rows.to_dict("records"), strict=True)}
         members: dict[str, dict[str, bytes]] = {k: {} for k in wanted}
-        with tarfile.open(out / "shards" / f"{shard}.tar") as tar:
+        tar_path = storage.join(out, "shards", f"{shard}.tar")
+        with storage.open_input(tar_path, seekable=True) as handle, tarfile.open(fileobj=handle) as tar:
             for info in tar:
                 key, _, member = info.name.partition(".")
                 if key in members and info.isfile():
@@ -116,7 +121,7 @@ def _copied_rows(out: Path, index: pd.DataFrame, keys: set[str]):
 
 
 def run_select(
-    out: Path,
+    out: Path | str,
     top: float | None = None,
     threshold: float | None = None,
     score: str = "robust",
@@ -130,10 +135,11 @@ def run_select(
         raise ValueError(f"score must be one of {sorted(SCORE_COLUMNS)}, got {score!r}")
     if top is not None and not 0 < top <= 1:
         raise ValueError(f"--top is a fraction in (0, 1], got {top}")
-    index_path = out / "index.parquet"
-    if not index_path.is_file():
+    out = str(out)
+    index_path = storage.join(out, "index.parquet")
+    if not storage.is_file(index_path):
         raise FileNotFoundError(f"no {index_path}: build the shards first")
-    index = pd.read_parquet(index_path)
+    index = storage.read_parquet(index_path)
     min_frames = stage2_span() if min_frames is None else int(min_frames)
     in_split = index["split"] == SPLIT if "split" in index.columns else pd.Series(True, index=index.index)
     long_enough = index["num_frames"] >= min_frames if len(index) else in_split
@@ -155,12 +161,12 @@ def run_select(
         samples_other_splits=int((~in_split).sum()),
         samples_too_short=int((in_split & ~long_enough).sum()),
         frames_selected=int(index.loc[index["key"].isin(keys), "num_frames"].sum()) if keys else 0,
-        source_fingerprint=_fingerprint(out / "shards"),
+        source_fingerprint=_fingerprint(storage.join(out, "shards")),
         keys=keys,
     )
-    final = out / SUBSET_DIR
-    previous = final / "select.json"
-    if previous.is_file() and _same(json.loads(previous.read_text()), asdict(selection)):
+    final = storage.join(out, SUBSET_DIR)
+    previous = read_selection(out)
+    if previous is not None and _same(previous, asdict(selection)):
         log.info("gaze subset in %s is up to date (%d samples): nothing to write", final, len(keys))
         return selection, False
     if scored and not keys:
@@ -170,12 +176,16 @@ def run_select(
             "no eligible %s sample (>= %d frames: %d of %d are shorter) has a %s score: the gaze subset is empty",
             SPLIT, min_frames, selection.samples_too_short, int(in_split.sum()), column,
         )  # fmt: skip
-    tmp = out / f".{SUBSET_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_subset(out, tmp, index, keys, selection)
-        _swap_in(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if storage.is_remote(out):
+        storage.delete(storage.join(final, "select.json"))  # the subset is being replaced
+        _write_subset(out, final, index, keys, selection)
+    else:
+        tmp = Path(out) / f".{SUBSET_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            _write_subset(out, str(tmp), index, keys, selection)
+            _swap_in(tmp, Path(final))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "gaze subset: %d of %d eligible %s samples (%s %s, threshold %.4g); not eligible: %d shorter than "
         "%d frames, %d in other splits",
@@ -190,22 +200,28 @@ def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return all(old.get(f) == new.get(f) for f in fields)
 
 
-def _write_subset(out: Path, tmp: Path, index: pd.DataFrame, keys: list[str], selection: Selection) -> None:
-    shards_dir = tmp / "shards"
-    shards_dir.mkdir(parents=True)
+def _write_subset(out: str, target: str, index: pd.DataFrame, keys: list[str], selection: Selection) -> None:
+    """The subset in `target` (a fresh local temp folder, or OUT/gaze itself on an object store, where
+    objects of shards not in the new subset are deleted); select.json last."""
+    shards_dir = storage.join(target, "shards")
+    storage.makedirs(shards_dir)
     per_shard = _samples_per_shard(out)
+    written: set[str | None] = set()
     batch: list[dict[str, Any]] = []
     for row in _copied_rows(out, index, set(keys)) if keys else ():
         batch.append(row)
         if len(batch) == per_shard:
-            write_shard(batch, shards_dir)
+            written.add(write_shard(batch, shards_dir))
             batch = []
     if batch:
-        write_shard(batch, shards_dir)
-    merge_index(tmp, shards_dir)
+        written.add(write_shard(batch, shards_dir))
+    for name in storage.list_names(shards_dir):  # the old subset's shards (none in a fresh folder)
+        if name.split(".", 1)[0] not in written:
+            storage.delete(storage.join(shards_dir, name))
+    merge_index(target, shards_dir)
     data = asdict(selection)
     data["shards"] = len(read_stats(shards_dir))
-    atomic_write_bytes(tmp / "select.json", json.dumps(data, indent=1).encode())
+    atomic_write_bytes(storage.join(target, "select.json"), json.dumps(data, indent=1).encode())
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -217,6 +233,6 @@ def _swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_selection(out: Path) -> dict[str, Any] | None:
-    path = out / SUBSET_DIR / "select.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_selection(out: Path | str) -> dict[str, Any] | None:
+    path = storage.join(out, SUBSET_DIR, "select.json")
+    return json.loads(storage.read_bytes(path)) if storage.is_file(path) else None

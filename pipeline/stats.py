@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import storage
 from pipeline.config import BUCKETS
 from pipeline.contract import LABEL_KINDS
 from pipeline.select import SCORE_COLUMNS, SUBSET_DIR, read_selection, stage2_span
@@ -24,7 +25,7 @@ QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
 class ShardSet:
     """Everything the statistics read from one output folder."""
 
-    out: Path
+    out: str  # a folder or a URI (s3://bucket/prefix)
     index: pd.DataFrame
     failures: pd.DataFrame
     build: dict[str, Any]
@@ -34,23 +35,23 @@ class ShardSet:
 
 
 def load(out: str | Path) -> ShardSet:
-    out = Path(out)
-    if not (out / "index.parquet").is_file():
-        raise FileNotFoundError(f"no {out / 'index.parquet'}: build the shards first")
+    out = str(out)
+    if not storage.is_file(storage.join(out, "index.parquet")):
+        raise FileNotFoundError(f"no {storage.join(out, 'index.parquet')}: build the shards first")
 
     def parquet(name: str) -> pd.DataFrame:
-        path = out / name
-        return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+        path = storage.join(out, name)
+        return storage.read_parquet(path) if storage.is_file(path) else pd.DataFrame()
 
-    build_json = out / "build.json"
+    build_json = storage.join(out, "build.json")
     return ShardSet(
         out=out,
         index=parquet("index.parquet"),
         failures=parquet("failures.parquet"),
-        build=json.loads(build_json.read_text()) if build_json.is_file() else {},
-        shard_stats=read_stats(out / "shards"),
+        build=json.loads(storage.read_bytes(build_json)) if storage.is_file(build_json) else {},
+        shard_stats=read_stats(storage.join(out, "shards")),
         selection=read_selection(out),
-        subset_stats=read_stats(out / SUBSET_DIR / "shards"),
+        subset_stats=read_stats(storage.join(out, SUBSET_DIR, "shards")),
     )
 
 

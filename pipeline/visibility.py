@@ -12,6 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+from pipeline import storage
+
 log = logging.getLogger(__name__)
 
 
@@ -25,18 +27,24 @@ def missing_paths(paths: dict[str, str], marker: str) -> list[str]:
     problems = [
         f"{what} {path} does not exist here" for what, path in paths.items() if not os.path.exists(path)
     ]
-    if marker and not os.path.exists(marker):
-        problems.append(f"the driver's marker {marker} is not visible: the output folder is not shared")
+    if marker:  # in a folder, or on an object store this node must reach with its own AWS environment
+        try:
+            if not storage.exists(marker):
+                problems.append(
+                    f"the driver's marker {marker} is not visible: the output folder is not shared"
+                )
+        except OSError as exc:
+            problems.append(f"the output {marker} cannot be read here: {exc}")
     return problems
 
 
-def check_nodes_see(paths: dict[str, str], out: Path) -> None:
+def check_nodes_see(paths: dict[str, str], out: Path | str) -> None:
     """Run `missing_paths` on every alive Ray node; one NotShared error listing every node's problems."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    marker = out / f".visible-{uuid.uuid4().hex[:8]}"
-    marker.write_text("written by the build driver; deleted after the check\n")
+    marker = storage.join(out, f".visible-{uuid.uuid4().hex[:8]}")
+    storage.put_bytes(marker, b"written by the build driver; deleted after the check\n")
     try:
         probe = ray.remote(num_cpus=0)(missing_paths)
         nodes = [node for node in ray.nodes() if node.get("Alive")]
@@ -48,7 +56,7 @@ def check_nodes_see(paths: dict[str, str], out: Path) -> None:
         }
         problems = [f"node {name}: {problem}" for name, ref in refs.items() for problem in ray.get(ref)]
     finally:
-        marker.unlink(missing_ok=True)
+        storage.delete(marker)
     if problems:
         raise NotShared(
             "every Ray node must see the build's folders under the same paths (NFS or another shared file "

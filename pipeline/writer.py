@@ -1,9 +1,10 @@
-"""Shards, index and failures on disk, written so that a killed run never leaves a partial file visible.
+"""Shards, index and failures in a folder or under an object-store prefix (pipeline/storage.py), written so
+that a killed run never leaves a partial shard visible.
 
-A shard `<name>.tar` is written under a temp name and renamed; its index part `<name>.index.parquet`
-follows the same way; its stats `<name>.stats.json` is written last and is the commit marker. A
-rerun trusts only shards with stats, deletes everything else in the shard folder, and skips the
-samples the committed shards hold.
+A shard `<name>.tar` is published atomically (locally a temp name renamed; on S3 one upload); its index
+part `<name>.index.parquet` follows the same way; its stats `<name>.stats.json` is written last and is
+the commit marker. Readers list only shards with a marker. A rerun trusts only shards with stats,
+deletes everything else in the shard folder, and skips the samples the committed shards hold.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 import webdataset as wds
 
-from pipeline import contract
+from pipeline import contract, storage
 from pipeline.contract import SampleMeta
 from pipeline.rows import ERROR_FIELDS, Row, batch_to_rows, is_failed, text_field
 from pipeline.video import EncodeSettings, encode_mp4
@@ -34,22 +33,16 @@ TAR_MTIME = 1_600_000_000  # fixed member mtime: the same samples give byte-iden
 STATS_SUFFIX, INDEX_SUFFIX = ".stats.json", ".index.parquet"
 # Row fields the annotators fill, and the member each one becomes.
 MASK_FIELDS = {"face_mask": contract.FACE_MASK, "fg_mask": contract.FG_MASK}
+Location = str | Path  # a local path or a URI (s3://bucket/prefix/...): see pipeline/storage.py
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def atomic_write_bytes(path: Location, data: bytes) -> None:
+    """Locally: a temp file beside `path`, fsynced, renamed over it; on an object store: one PUT."""
+    storage.put_bytes(path, data)
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+def atomic_write_parquet(path: Location, frame: pd.DataFrame) -> None:
+    storage.put_parquet(path, frame)
 
 
 def _json_field(row: Row, name: str, default: Any) -> Any:
@@ -163,13 +156,14 @@ class StaleRun(RuntimeError):
 
 
 def run_is_current(fence: tuple[str, str] | None) -> bool:
-    """fence = (lock file, run id): the build that started this writer still owns the folder."""
+    """fence = (lock file or object, run id): the build that started this writer still owns the output.
+    An unreadable fence counts as lost: not committing is the safe side."""
     if fence is None:
         return True
     path, run_id = fence
     try:
-        return Path(path).read_text().strip() == run_id
-    except FileNotFoundError:
+        return storage.read_text(path).strip() == run_id
+    except OSError:  # FileNotFoundError, or the store cannot be read
         return False
 
 
@@ -177,7 +171,7 @@ def split_of(row: Row) -> str:
     return text_field(row, "split") or "train"
 
 
-def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None = None) -> str | None:
+def write_shard(rows: list[Row], shards_dir: Location, fence: tuple[str, str] | None = None) -> str | None:
     """Commit the healthy rows (all of one split) as one shard; returns its name, or None when no row
     is healthy.
 
@@ -192,11 +186,11 @@ def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None
         raise ValueError(f"a shard holds one split; these rows are {sorted(splits)}")
     started = time.perf_counter()
     name = shard_name(str(row["key"]) for row in good)
-    final = shards_dir / f"{name}.tar"
-    tmp = shards_dir / f".{name}.tar.tmp-{uuid.uuid4().hex[:8]}"
+    final = storage.join(shards_dir, f"{name}.tar")
+    index_part = storage.join(shards_dir, f"{name}{INDEX_SUFFIX}")
     index_rows, member_bytes = [], Counter()
-    with open(tmp, "wb") as handle:
-        with wds.TarWriter(handle, encoder=False, mtime=TAR_MTIME) as tar:
+    with storage.staged_file(final, suffix=".tar") as tmp:
+        with open(tmp, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=TAR_MTIME) as tar:
             for row in good:
                 members = {m: bytes(row[m]) for m in contract.ALL_MEMBERS if len(row[m])}
                 tar.write({"__key__": str(row["key"]), **members})
@@ -204,10 +198,8 @@ def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None
                 member_bytes.update(sizes)
                 meta = SampleMeta.from_json_bytes(members[contract.META])
                 index_rows.append(_index_row(meta, name, sizes))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    atomic_write_parquet(shards_dir / f"{name}{INDEX_SUFFIX}", pd.DataFrame(index_rows))
+        tar_bytes = tmp.stat().st_size
+    atomic_write_parquet(index_part, pd.DataFrame(index_rows))
     timings: Counter[str] = Counter()
     for row in rows:
         timings.update(json.loads(str(row.get("timings") or "{}")))
@@ -221,17 +213,19 @@ def write_shard(rows: list[Row], shards_dir: Path, fence: tuple[str, str] | None
         "samples": len(good),
         "keys": sorted(str(row["key"]) for row in good),
         "frames": sum(int(row["num_frames"]) for row in good),
-        "bytes": final.stat().st_size,
+        "bytes": tar_bytes,
         "member_bytes": dict(member_bytes),
         "buckets": dict(Counter(str(row["bucket"]) for row in good)),
         "failures": dict(Counter(f"{row['error_stage']}/{row['error']}" for row in failed)),
         "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
     }
     if not run_is_current(fence):
-        final.unlink(missing_ok=True)
-        (shards_dir / f"{name}{INDEX_SUFFIX}").unlink(missing_ok=True)
+        storage.delete(final)
+        storage.delete(index_part)
         raise StaleRun(f"{shards_dir} belongs to a newer build; not committing {name}")
-    atomic_write_bytes(shards_dir / f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
+    atomic_write_bytes(
+        storage.join(shards_dir, f"{name}{STATS_SUFFIX}"), json.dumps(stats, indent=1).encode()
+    )
     return name
 
 
@@ -244,7 +238,7 @@ def write_shard_batch(
     shard_of_split = {}
     for split in sorted({split_of(row) for row in rows}):
         group = [row for row in rows if split_of(row) == split]
-        shard_of_split[split] = write_shard(group, Path(shards_dir), fence) or ""
+        shard_of_split[split] = write_shard(group, shards_dir, fence) or ""
     failed = [is_failed(row) for row in rows]
     shards = [shard_of_split[split_of(row)] for row in rows]
     return {
@@ -258,48 +252,53 @@ def write_shard_batch(
     }
 
 
-def read_stats(shards_dir: Path) -> list[dict[str, Any]]:
+def committed_names(shards_dir: Location) -> list[str]:
+    """Names (shard-<hash>) of the committed shards: those whose stats marker exists."""
+    names = storage.list_names(shards_dir)
+    return [n[: -len(STATS_SUFFIX)] for n in names if n.startswith("shard-") and n.endswith(STATS_SUFFIX)]
+
+
+def read_stats(shards_dir: Location) -> list[dict[str, Any]]:
     """Stats of every committed shard."""
-    if not shards_dir.is_dir():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(shards_dir.glob(f"shard-*{STATS_SUFFIX}"))]
+    return [
+        json.loads(storage.read_bytes(storage.join(shards_dir, f"{name}{STATS_SUFFIX}")))
+        for name in committed_names(shards_dir)
+    ]
 
 
-def committed_keys(shards_dir: Path) -> set[str]:
+def committed_keys(shards_dir: Location) -> set[str]:
     return {key for stats in read_stats(shards_dir) for key in stats["keys"]}
 
 
-def remove_uncommitted(shards_dir: Path) -> list[Path]:
-    """Delete temp files and any shard file whose stats marker is missing (a run killed mid-commit)."""
-    if not shards_dir.is_dir():
-        return []
-    committed = {p.name[: -len(STATS_SUFFIX)] for p in shards_dir.glob(f"*{STATS_SUFFIX}")}
+def remove_uncommitted(shards_dir: Location) -> list[str]:
+    """Delete temp files and any shard file or object whose stats marker is missing (a run killed
+    mid-commit). Only the build that owns the output (its lock, or on S3 its fence) may call this."""
+    committed = set(committed_names(shards_dir))
     removed = []
-    for path in sorted(shards_dir.iterdir()):
-        stem = path.name.split(".", 1)[0]
-        if path.name.startswith(".") or stem not in committed:
-            path.unlink()
-            removed.append(path)
+    for name in storage.list_names(shards_dir):
+        if name.startswith(".") or name.split(".", 1)[0] not in committed:
+            storage.delete(storage.join(shards_dir, name))
+            removed.append(name)
     return removed
 
 
-def merge_index(out: Path, shards_dir: Path) -> pd.DataFrame:
+def merge_index(out: Location, shards_dir: Location) -> pd.DataFrame:
     """index.parquet = the index parts of every committed shard, ordered by key."""
     parts = [
-        pd.read_parquet(shards_dir / f"{stats['shard'][: -len('.tar')]}{INDEX_SUFFIX}")
+        storage.read_parquet(storage.join(shards_dir, f"{stats['shard'][: -len('.tar')]}{INDEX_SUFFIX}"))
         for stats in read_stats(shards_dir)
     ]
     index = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(index):
         index = index.sort_values("key", ignore_index=True)
-    atomic_write_parquet(out / "index.parquet", index)
+    atomic_write_parquet(storage.join(out, "index.parquet"), index)
     return index
 
 
 FAILURE_COLUMNS = ["clip_id", "dataset", "key", "stage", "error", "message"]
 
 
-def write_failures(out: Path, failures: list[dict[str, str]]) -> pd.DataFrame:
+def write_failures(out: Location, failures: list[dict[str, str]]) -> pd.DataFrame:
     frame = pd.DataFrame(failures, columns=FAILURE_COLUMNS).sort_values(["dataset", "clip_id", "key"])
-    atomic_write_parquet(out / "failures.parquet", frame.reset_index(drop=True))
+    atomic_write_parquet(storage.join(out, "failures.parquet"), frame.reset_index(drop=True))
     return frame

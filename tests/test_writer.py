@@ -86,7 +86,7 @@ def test_uncommitted_files_are_removed_and_committed_kept(tmp_path: Path) -> Non
     (tmp_path / "shard-0123456789abcdef.tar").write_bytes(b"renamed but never got its stats")
     (tmp_path / ".shard-0123456789abcdef.tar.tmp-1234").write_bytes(b"half written")
     removed = remove_uncommitted(tmp_path)
-    assert sorted(p.name for p in removed) == [
+    assert sorted(removed) == [
         ".shard-0123456789abcdef.tar.tmp-1234",
         "shard-0123456789abcdef.tar",
     ]

@@ -3,11 +3,14 @@
 The stream of one (seed, epoch, rank) is deterministic, also with several DataLoader workers, so the
 trainer resumes mid-epoch by rebuilding the epoch's loader and skipping the batches it already used.
 Every rank yields exactly `steps_per_epoch` batches, so DDP ranks never wait on each other at an
-epoch's end. A sample decodes only the frames it needs (pipeline.video.IndexedVideo).
+epoch's end. A sample decodes only the frames it needs (pipeline.video.IndexedVideo). Shards are read
+as streams through pipeline/storage.py, from a local folder or an object store (data.root=s3://...)
+alike: no copy to local disk.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import logging
@@ -23,6 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import storage
 from pipeline.contract import (
     FACE_MASK,
     FG_MASK,
@@ -112,11 +116,11 @@ class NoShards(FileNotFoundError):
 _warned_unsplit: set[str] = set()
 
 
-def shard_split(stats_path: Path) -> str:
+def shard_split(stats_path: str | Path) -> str:
     """The split a shard holds, from its stats marker; shards written before splits existed count as train."""
-    split = json.loads(stats_path.read_text()).get("split")
+    split = json.loads(storage.read_bytes(stats_path)).get("split")
     if split is None:
-        folder = str(stats_path.parent)
+        folder = storage.parent_of(str(stats_path))
         if folder not in _warned_unsplit:  # once per folder
             _warned_unsplit.add(folder)
             log.warning("shards in %s have no split in their stats: all are read as %r", folder, UNSPLIT)
@@ -124,33 +128,71 @@ def shard_split(stats_path: Path) -> str:
     return str(split)
 
 
+def _candidate_tars(location: str) -> list[str]:
+    """The .tar files of a folder (or prefix), or those matching a glob in the last path part."""
+    if any(char in location for char in "*?["):
+        if not storage.is_remote(location):
+            return sorted(p for p in glob.glob(location) if p.endswith(".tar"))
+        folder, pattern = storage.parent_of(location), storage.name_of(location)
+        names = fnmatch.filter(storage.list_names(folder), pattern)
+        return [storage.join(folder, n) for n in sorted(names) if n.endswith(".tar")]
+    names = storage.list_names(location)
+    if not names and not (storage.is_remote(location) or Path(location).is_dir()):
+        raise FileNotFoundError(f"shard folder {location} does not exist (data.root / data.shards)")
+    return [storage.join(location, n) for n in names if n.endswith(".tar")]
+
+
 def list_shards(config: DataConfig) -> list[str]:
     """Committed shards (those with a stats file: the writer's commit marker) of config.split, sorted.
 
-    Only each shard's small stats json is read, never another split's tar.
+    A folder or an object-store prefix; only each shard's small stats json is read, never another
+    split's tar, and a tar without its marker (being written, or left by a killed build) is never listed.
     """
-    location = Path(config.shards)
-    if not location.is_absolute():
-        location = Path(config.root) / location
-    if any(char in str(location) for char in "*?["):
-        candidates = sorted(Path(p) for p in glob.glob(str(location)))
+    shards = config.shards
+    if storage.is_remote(shards) or Path(shards).is_absolute():
+        location = shards
     else:
-        if not location.is_dir():
-            raise FileNotFoundError(f"shard folder {location} does not exist (data.root / data.shards)")
-        candidates = sorted(location.glob("*.tar"))
-    tars = [p for p in candidates if p.suffix == ".tar"]
-    markers = {p: p.with_name(p.name[: -len(".tar")] + STATS_SUFFIX) for p in tars}
-    committed = [p for p in tars if markers[p].exists()]
+        location = storage.join(config.root, shards)
+    tars = _candidate_tars(location)
+    markers = {p: p[: -len(".tar")] + STATS_SUFFIX for p in tars}
+    listed = {folder: set(storage.list_names(folder)) for folder in {storage.parent_of(p) for p in tars}}
+    committed = [p for p in tars if storage.name_of(markers[p]) in listed[storage.parent_of(p)]]
     if not committed:
         raise FileNotFoundError(
             f"no committed shards in {location}: found {len(tars)} .tar files, none with a {STATS_SUFFIX} marker"
         )
     splits = {p: shard_split(markers[p]) for p in committed}
-    chosen = [str(p) for p in committed if splits[p] == config.split]
+    chosen = [p for p in committed if splits[p] == config.split]
     if not chosen:
         found = sorted(set(splits.values()))
         raise NoShards(f"no {config.split!r} shards in {location}: its {len(committed)} shards hold {found}")
     return chosen
+
+
+def open_shards(
+    src: Iterable[dict[str, Any]], handler: Callable[[BaseException], bool]
+) -> Iterator[dict[str, Any]]:
+    """{"url"} -> {"url", "stream"}: each shard as a forward-only stream from its filesystem (webdataset's
+    own opener knows local files and shell pipes, not an object store's API)."""
+    for sample in src:
+        try:
+            yield {**sample, "stream": storage.open_input(sample["url"])}
+        except Exception as exc:
+            exc.args = (*exc.args, sample["url"])
+            if not handler(exc):
+                break
+
+
+class TarSamples:
+    """Pipeline stage: {"url"} -> raw samples {"__key__", "__url__", member: bytes} (a class: DataLoader
+    workers are spawned, so the pipeline must pickle)."""
+
+    def __init__(self, handler: Callable[[BaseException], bool]) -> None:
+        self.handler = handler
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        files = wds.tariterators.tar_file_expander(open_shards(src, self.handler), handler=self.handler)
+        return wds.tariterators.group_by_keys(files, handler=self.handler)
 
 
 def _mean_luma(frame: np.ndarray) -> float:
@@ -432,7 +474,7 @@ def build_pipeline(config: DataConfig, seed: int, epoch: int, rank: int, world_s
         # {"url"}: endless seeded shard passes, this (rank, worker) slot's share of them
         ShardStream(list_shards(config), seed, epoch, rank, world_size),
         # raw samples {"__key__", "real.mp4", "face.npz", ...}; unreadable tar data counted, then skipped
-        wds.tarfile_to_samples(handler=stats.tar_error),
+        TarSamples(stats.tar_error),
         # raw samples, seeded buffer shuffle
         Shuffle(config.shuffle_buffer, seed, epoch, rank),
         # decoded samples (tensors); too-short, incomplete and broken samples counted, then skipped
@@ -500,9 +542,7 @@ def fixed_batch(config: DataConfig, count: int, seed: int = 0, allow_fewer: bool
     rng = random.Random(seed)
     stats = StreamStats(rank=0, log_every=config.log_every)
     samples: list[dict[str, Any]] = []
-    raw_samples = wds.DataPipeline(
-        wds.SimpleShardList(list_shards(config)), wds.tarfile_to_samples(handler=stats.tar_error)
-    )
+    raw_samples = wds.DataPipeline(wds.SimpleShardList(list_shards(config)), TarSamples(stats.tar_error))
     for raw in raw_samples:
         stats.count("samples")
         try:

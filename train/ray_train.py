@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -31,12 +32,14 @@ from tqdm.auto import tqdm
 from model.components import check_weights_dir
 from model.loading import build_megactor, ensure_tiny_weights, load_megactor
 from model.megactor import MegActor
+from pipeline import storage
 from pipeline.dag import init_ray
 from pipeline.weights import DEFAULT_TINY_DIR
 from train.config import ModelSection, TrainConfig
 from train.data import STAT_NAMES, NoShards, fixed_batch, make_loader
 from train.ema import averaged_weights, make_ema
 from train.loop import (
+    MODEL_DIR,
     TrainState,
     batches_after,
     data_position,
@@ -82,6 +85,10 @@ def build_model(config: TrainConfig, resume_dir: Path | None = None) -> MegActor
     weights_dir = model_weights_dir(config.model)
     if resume_dir is not None:
         return load_training_model(weights_dir, resume_dir, config.model.config)
+    if config.model.init_from and storage.is_remote(config.model.init_from):  # a checkpoint in the store
+        with tempfile.TemporaryDirectory(prefix="init-") as local:
+            storage.download_tree(config.model.init_from, local)
+            return load_megactor(weights_dir, local, overrides=config.model.config)
     if config.model.init_from:
         return load_megactor(weights_dir, config.model.init_from, overrides=config.model.config)
     return build_megactor(weights_dir, config.megactor_config())
@@ -115,10 +122,47 @@ def _world_size() -> int:
 
 
 def _run_dir(config: TrainConfig) -> Path:
-    """Where rank 0 writes TensorBoard events, validation videos and the step log."""
-    if "://" in config.storage_path:  # remote storage: keep these on the rank-0 node
-        return Path(tempfile.gettempdir()) / "megactor-train" / config.name
+    """Where rank 0 writes TensorBoard events, validation videos and the step log: under storage_path, or
+    for remote storage a local folder that _publish_run_files uploads (an object store cannot append)."""
+    if storage.is_remote(config.storage_path):
+        digest = hashlib.sha1(config.storage_path.encode()).hexdigest()[:8]
+        return Path(tempfile.gettempdir()) / "megactor-train" / digest / config.name
     return Path(config.storage_path) / config.name
+
+
+def _fetch_run_files(config: TrainConfig, run_dir: Path) -> None:
+    """Remote storage: the step log continues the remote copy (the source of truth; this node's local
+    folder may be stale or absent after a restart elsewhere). Event files and videos have unique names."""
+    if not storage.is_remote(config.storage_path):
+        return
+    remote = storage.join(config.storage_path, config.name, STEP_LOG)
+    local = run_dir / STEP_LOG
+    local.unlink(missing_ok=True)
+    if storage.is_file(remote):
+        local.write_bytes(storage.read_bytes(remote))
+
+
+def _publish_run_files(config: TrainConfig, run_dir: Path) -> None:
+    """Remote storage: upload the step log, TensorBoard events and validation videos (each file whole)."""
+    if storage.is_remote(config.storage_path):
+        storage.upload_tree(run_dir, storage.join(config.storage_path, config.name))
+
+
+def run_config(config: TrainConfig) -> RunConfig:
+    """Checkpoints under storage_path/name: a folder, or an object store through pyarrow.fs (configured
+    from the standard environment, e.g. AWS_ENDPOINT_URL and keys for S3)."""
+    filesystem, path = (
+        storage.filesystem(config.storage_path)
+        if storage.is_remote(config.storage_path)
+        else (None, config.storage_path)
+    )
+    return RunConfig(
+        name=config.name,
+        storage_path=path,
+        storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=config.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+    )
 
 
 def _report(metrics: dict[str, Any], save: Any, step: int, rank: int) -> None:
@@ -198,6 +242,7 @@ def run_loop(
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        _fetch_run_files(config, run_dir)
         writer = SummaryWriter(str(run_dir / "tensorboard"))
         step_log = (run_dir / STEP_LOG).open("a")
         epoch, offset = data_position(state.step, config.data.steps_per_epoch)
@@ -293,6 +338,10 @@ def run_loop(
                         "epoch": epoch,
                     }
                     _report(report, save, state.step, rank)
+                    if writer is not None and step_log is not None:
+                        writer.flush()
+                        step_log.flush()
+                        _publish_run_files(config, run_dir)
             validate()
             if state.step >= config.max_steps:
                 break
@@ -302,11 +351,32 @@ def run_loop(
         writer.close()
     if step_log is not None:
         step_log.close()
+        _publish_run_files(config, run_dir)
     bad = {k: v for k, v in totals.items() if k != "samples" and v}
     log.info(
         "done at step %d, %d samples seen; data problems over all ranks: %s",
         state.step, state.samples_seen, bad or "none",
     )  # fmt: skip
+
+
+def remote_init_checkpoint(init_from: str, storage_path: str) -> str:
+    """A run name under a remote storage_path (or a run / checkpoint URI) -> the URI of its latest
+    checkpoint's MegActor folder, which each worker downloads (build_model)."""
+    for run in (init_from, storage.join(storage_path, init_from)):
+        if not storage.is_remote(run):
+            continue
+        if storage.is_file(storage.join(run, "model.safetensors")):
+            return run
+        if storage.is_file(storage.join(run, MODEL_DIR, "model.safetensors")):
+            return storage.join(run, MODEL_DIR)
+        steps = [name for name in storage.list_dirs(run) if name.startswith("checkpoint_")]
+        for name in sorted(steps, reverse=True):  # checkpoint_<step, 7 digits>: the latest first
+            if storage.is_file(storage.join(run, name, MODEL_DIR, "model.safetensors")):
+                return storage.join(run, name, MODEL_DIR)
+    raise FileNotFoundError(
+        f"model.init_from={init_from!r}: no checkpoint under {storage.join(storage_path, init_from)}. "
+        "Train stage 1 first."
+    )
 
 
 def prepare(config: TrainConfig) -> TrainConfig:
@@ -319,7 +389,9 @@ def prepare(config: TrainConfig) -> TrainConfig:
     config.data.root = absolute(config.data.root)
     config.model.weights_dir = absolute(config.model.weights_dir)
     init = config.model.init_from
-    if init and init.lower() != "none":
+    if init and init.lower() != "none" and storage.is_remote(config.storage_path) and not Path(init).exists():
+        config.model.init_from = remote_init_checkpoint(init, config.storage_path)
+    elif init and init.lower() != "none":
         config.model.init_from = str(resolve_init_checkpoint(init, config.storage_path))
     else:
         config.model.init_from = None
@@ -337,12 +409,7 @@ def launch(config: TrainConfig) -> ray.train.Result:
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
         ),
-        run_config=RunConfig(
-            name=config.name,
-            storage_path=config.storage_path,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-        ),
+        run_config=run_config(config),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
     )
     log.info("training %s: %d worker(s), storage %s", config.name, config.num_workers, config.storage_path)

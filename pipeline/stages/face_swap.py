@@ -434,7 +434,7 @@ class FaceSwapStage(Stage):
         self.swapper = load_inswapper(paths[INSWAPPER], self.providers)
         sessions = {SCRFD: self.detector.session, INSWAPPER: self.swapper.session}
         check_session_providers(sessions, self.providers, device)
-        bank = load_identity_bank(Path(bank_path))
+        bank = load_identity_bank(bank_path)
         self.bank = {
             str(r.identity): np.asarray(r.normed, np.float32) for r in bank.itertuples() if r.frames_used
         }
