@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 from evaluation.faces import BACKENDS
+from evaluation.locations import local_checkpoint, local_output
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the rest")
+    common.add_argument("--out", required=True, help="folder (or s3://... URI) for metrics.json and the rest")
     common.add_argument("--backend", choices=BACKENDS, default="insightface")
     common.add_argument("--weights-dir", default=None, help="default: $WEIGHTS_DIR")
     common.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -31,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser(
         "run", parents=[common], help="generate with a checkpoint on held-out clips, then score"
     )
-    run.add_argument("--checkpoint", type=Path, required=True, help="a megactor checkpoint folder")
-    run.add_argument("--shards", type=Path, required=True, help="the shard set's output folder")
+    run.add_argument(
+        "--checkpoint", required=True, help="a megactor checkpoint, run folder or s3://... URI of either"
+    )
+    run.add_argument("--shards", required=True, help="the shard set's output folder or s3://... URI")
     run.add_argument("--split", default="test")
     run.add_argument("--num-clips", type=int, default=8)
     run.add_argument("--num-frames", type=int, default=16, help="frames generated per clip")
@@ -48,24 +51,34 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--model-weights-dir", default=None, help="MegActor's components (default: the run's own)"
     )
+    tiny = sub.add_parser(
+        "tiny-weights", help="write every evaluation network with random weights (tests, demo)"
+    )
+    tiny.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.command == "tiny-weights":
+        from evaluation.tiny import write_tiny_eval_weights
+
+        print(write_tiny_eval_weights(args.dir))
+        return 0
     if args.command == "compare":
         from evaluation.compare import compare_videos
 
         if args.target is None and args.driving is None:
             parser.error("compare needs --target (self reenactment) or --driving (cross reenactment)")
-        summary = compare_videos(
-            args.pred,
-            args.target,
-            args.out,
-            args.reference,
-            args.driving,
-            args.backend,
-            args.weights_dir,
-            args.device,
-        )
+        with local_output(args.out) as out:
+            summary = compare_videos(
+                args.pred,
+                args.target,
+                out,
+                args.reference,
+                args.driving,
+                args.backend,
+                args.weights_dir,
+                args.device,
+            )
         print(json.dumps(summary["metrics"], indent=2))
         return 0
     from evaluation.run import RunOptions, evaluate_checkpoint
@@ -75,16 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         grid_clips=args.grid_clips, seed=args.seed, split=args.split, guidance_scale=args.guidance_scale,
         resolution=args.resolution, stride=args.stride,
     )  # fmt: skip
-    table = evaluate_checkpoint(
-        args.checkpoint,
-        args.shards,
-        args.out,
-        options,
-        args.backend,
-        args.weights_dir,
-        args.device,
-        args.model_weights_dir,
-    )
+    with local_checkpoint(args.checkpoint) as checkpoint, local_output(args.out) as out:
+        table = evaluate_checkpoint(
+            checkpoint,
+            args.shards,
+            out,
+            options,
+            args.backend,
+            args.weights_dir,
+            args.device,
+            args.model_weights_dir,
+        )
     print(table)
     return 0
 

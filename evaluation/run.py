@@ -89,7 +89,7 @@ def load_for_eval(checkpoint: Path, model_weights_dir: str | None = None) -> tup
     }
 
 
-def held_out_clips(shards: Path, options: RunOptions, resolution: int) -> dict[str, Any]:
+def held_out_clips(shards: str, options: RunOptions, resolution: int) -> dict[str, Any]:
     from train.data import DataConfig, fixed_batch
 
     config = DataConfig(
@@ -127,7 +127,7 @@ def write_grid(path: Path, panels: list[np.ndarray]) -> None:
 
 def evaluate_checkpoint(
     checkpoint: Path,
-    shards: Path,
+    shards: str,
     out: Path,
     options: RunOptions,
     backend: str = "insightface",

@@ -12,11 +12,6 @@ import pytest
 from evaluation.assets import PHOTO_DIR, photos_present
 from pipeline.video import read_video_frames
 
-EVAL_WEIGHTS = [
-    "scrfd_10g", "arcface_r50", "landmark_2d106", "landmark_1k3d68",
-    "lpips_alexnet", "fid_inception", "fvd_i3d", "l2cs_gaze360",
-]  # fmt: skip
-
 
 @pytest.fixture(scope="session")
 def photos() -> Path:
@@ -51,9 +46,6 @@ def dlib_backend():
 
 @pytest.fixture(scope="session")
 def tiny_eval_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import evaluation.backbones  # noqa: F401 - registers the tiny writers
-    import evaluation.insightface_tiny  # noqa: F401
-    import pipeline.stages.l2cs  # noqa: F401
-    from pipeline.weights import ensure_tiny_weights
+    from evaluation.tiny import write_tiny_eval_weights
 
-    return ensure_tiny_weights(tmp_path_factory.mktemp("eval_weights"), EVAL_WEIGHTS)
+    return write_tiny_eval_weights(tmp_path_factory.mktemp("eval_weights"))

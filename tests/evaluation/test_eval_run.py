@@ -16,8 +16,12 @@ from pipeline.video import probe_video
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "train"))  # the trainer tests' synthetic shard writer
+sys.path.insert(0, str(REPO / "tests"))  # the S3 server helper
 
+from s3_helpers import aws_environment, moto_server, object_keys, s3_client  # noqa: E402
 from shard_helpers import write_synthetic_shards  # noqa: E402
+
+from pipeline import storage  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +85,30 @@ def test_run_scores_a_checkpoint_on_held_out_clips(
     assert "| self |" in (out / "results.md").read_text() and "| self |" in result.stdout
     grid = probe_video(out / "grids" / "self_00.mp4")
     assert (grid.num_frames, grid.width, grid.height) == (4, 4 * 64, 64)  # reference|driving|generated|truth
+
+
+@pytest.mark.slow
+def test_run_reads_and_writes_object_storage(
+    tmp_path: Path, tiny_eval_weights: Path, model_dir: Path, shards: Path
+) -> None:
+    """Checkpoint and shards in S3 (a real S3 API server), results written there: no local copy step."""
+    with moto_server() as endpoint, aws_environment(endpoint):
+        s3_client().create_bucket(Bucket="eval")
+        storage.upload_tree(model_dir / "megactor", "s3://eval/run/megactor")
+        storage.upload_tree(shards, "s3://eval/shards")
+        cmd = [
+            sys.executable, "-m", "evaluation", "run", "--checkpoint", "s3://eval/run/megactor",
+            "--model-weights-dir", str(model_dir), "--shards", "s3://eval/shards", "--split", "test",
+            "--num-clips", "2", "--num-frames", "4", "--stride", "1", "--steps", "1", "--resolution", "64",
+            "--grid-clips", "1", "--backend", "dlib", "--weights-dir", str(tiny_eval_weights), "--device", "cpu",
+            "--out", "s3://eval/results",
+        ]  # fmt: skip
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert object_keys("eval", "results/") == [
+            "results/frames.parquet", "results/grids/self_00.mp4", "results/metrics.json", "results/results.md",
+        ]  # fmt: skip
+        summary = json.loads(storage.read_text("s3://eval/results/metrics.json"))
+        assert summary["clips"] == ["synthetic__clip10__s000", "synthetic__clip11__s000"]
+        assert math.isfinite(summary["self"]["metrics"]["psnr"])
+        assert len(storage.read_parquet("s3://eval/results/frames.parquet")) == 2 * 4
