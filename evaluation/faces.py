@@ -152,7 +152,7 @@ class InsightfaceBackend:
     weights: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from pipeline.stages.face_swap import (
+        from pipeline.faces import (
             ARCFACE,
             SCRFD,
             load_face_analysis,

@@ -18,25 +18,30 @@ from train.config import ValidationConfig
 VIDEO_FPS = 8.0
 
 
-@torch.no_grad()
-def render_validation(model: MegActor, batch: dict[str, Any], config: ValidationConfig) -> np.ndarray:
-    """The first sample of a fixed batch animated from its own reference and driving frames."""
+def _animate_own(model: MegActor, batch: dict[str, Any], index: int, steps: int, config: ValidationConfig):
+    """Sample `index` of a fixed batch animated from its own reference and driving frames (seeded)."""
     model_device = next(model.denoiser.parameters()).device
     sampling = SamplingConfig(
-        num_inference_steps=config.num_inference_steps,
+        num_inference_steps=steps,
         guidance_scale=config.guidance_scale,
         seed=config.seed,
         context_frames=batch["driving"].shape[1],
         context_overlap=0,
         progress=False,
     )
-    generated = MegActorPipeline(model)(
-        batch["reference"][0].to(model_device),
-        batch["driving"][0].to(model_device),
-        batch["background_mask"][0].to(model_device),
+    return MegActorPipeline(model)(
+        batch["reference"][index].to(model_device),
+        batch["driving"][index].to(model_device),
+        batch["background_mask"][index].to(model_device),
         sampling,
-    )
-    panels = [batch["driving"][0], generated.cpu(), batch["target"][0]]
+    ).cpu()
+
+
+@torch.no_grad()
+def render_validation(model: MegActor, batch: dict[str, Any], config: ValidationConfig) -> np.ndarray:
+    """The first sample of a fixed batch animated from its own reference and driving frames."""
+    generated = _animate_own(model, batch, 0, config.num_inference_steps, config)
+    panels = [batch["driving"][0], generated, batch["target"][0]]
     return np.concatenate([to_uint8_frames(p) for p in panels], axis=2)  # (F, H, 3W, 3)
 
 
@@ -47,27 +52,11 @@ def held_out_metrics(model: MegActor, batch: dict[str, Any], config: ValidationC
     numbers; `python -m evaluation run` gives those), frames pooled over clips."""
     from evaluation import pixel
 
-    model_device = next(model.denoiser.parameters()).device
-    sampling = SamplingConfig(
-        num_inference_steps=config.eval_steps,
-        guidance_scale=config.guidance_scale,
-        seed=config.seed,
-        context_frames=batch["driving"].shape[1],
-        context_overlap=0,
-        progress=False,
+    clips = range(min(config.eval_clips, len(batch["key"])))
+    pred = np.concatenate(
+        [to_uint8_frames(_animate_own(model, batch, i, config.eval_steps, config)) for i in clips]
     )
-    pipeline = MegActorPipeline(model)
-    generated, targets = [], []
-    for i in range(min(config.eval_clips, len(batch["key"]))):
-        video = pipeline(
-            batch["reference"][i].to(model_device),
-            batch["driving"][i].to(model_device),
-            batch["background_mask"][i].to(model_device),
-            sampling,
-        )
-        generated.append(to_uint8_frames(video.cpu()))
-        targets.append(to_uint8_frames(batch["target"][i]))
-    pred, target = np.concatenate(generated), np.concatenate(targets)
+    target = np.concatenate([to_uint8_frames(batch["target"][i]) for i in clips])
     return {
         "psnr": float(pixel.psnr(pred, target).mean()),
         "ssim": float(pixel.ssim(pred, target).mean()),
