@@ -98,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         help="overlay(s) on configs/train/stage2.yaml whose data.num_frames / data.stride give the span",
     )  # fmt: skip
     report = commands.add_parser("report", help="run the statistics notebook headless, save it as HTML")
-    report.add_argument("--out", required=True, help="the build's output folder")
-    report.add_argument("--html", type=Path, help="where to write (default: OUT/shard_stats.html)")
+    report.add_argument("--out", required=True, help="the build's output folder or s3:// prefix")
+    report.add_argument("--html", help="where to write, a path or URI (default: OUT/shard_stats.html)")
     stats = commands.add_parser("stats", help="print a shard set's statistics")
     stats.add_argument("dir", help="the build's output folder")
     return parser
@@ -122,12 +122,8 @@ def _select(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import run_report
-    from pipeline.storage import is_remote
 
-    if is_remote(args.out):
-        raise ValueError(f"report runs on a local folder (the notebook opens tars by path), not {args.out}")
-
-    log.info("report written: %s", run_report(Path(args.out), args.html))
+    log.info("report written: %s", run_report(args.out, args.html))
     return 0
 
 

@@ -1,15 +1,19 @@
-"""The shard-statistics notebook, executed headless for one build and saved as HTML (`make report`)."""
+"""The shard-statistics notebook, executed headless for one build and saved as HTML (`make report`).
+
+The build may be a local folder or a URI (s3://bucket/prefix): the notebook reads through
+pipeline/storage.py, and its kernel inherits this process's environment (the AWS_* settings)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 from nbconvert import HTMLExporter
 
-from pipeline.writer import atomic_write_bytes
+from pipeline import storage
 
 log = logging.getLogger(__name__)
 
@@ -18,22 +22,23 @@ NOTEBOOK = REPO / "notebooks" / "shard_stats.ipynb"
 OUT_CELL = 1  # the code cell that sets OUT
 
 
-def run_report(out: Path, html: Path | None = None, timeout: float = 600) -> Path:
+def run_report(out: str | os.PathLike, html: str | os.PathLike | None = None, timeout: float = 600) -> str:
     """Execute the notebook on the build in `out` and write it with its outputs as HTML (default:
-    OUT/shard_stats.html). A cell that fails stops the report with the notebook's error."""
-    out = out.resolve()
-    if not (out / "index.parquet").is_file():
-        raise FileNotFoundError(f"no {out / 'index.parquet'}: build the shards first")
+    OUT/shard_stats.html, on the same storage). A cell that fails stops the report with its error."""
+    out = str(out) if storage.is_remote(out) else str(Path(out).resolve())
+    index = storage.join(out, "index.parquet")
+    if not storage.is_file(index):
+        raise FileNotFoundError(f"no {index}: build the shards first")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     cell = notebook.cells[OUT_CELL]
     if cell.cell_type != "code" or "OUT = " not in cell.source:
         raise ValueError(f"{NOTEBOOK}: cell {OUT_CELL} no longer sets OUT")
-    cell.source = f"OUT = {str(out)!r}"
+    cell.source = f"OUT = {out!r}"
     log.info("executing %s on %s", NOTEBOOK.name, out)
     NotebookClient(
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
     ).execute()
     body, _ = HTMLExporter().from_notebook_node(notebook)
-    target = html or out / "shard_stats.html"
-    atomic_write_bytes(target, body.encode())
+    target = str(html) if html is not None else storage.join(out, "shard_stats.html")
+    storage.put_bytes(target, body.encode())  # atomic: a temp file renamed, or one PUT
     return target

@@ -135,6 +135,16 @@ def test_demo_build_to_s3_matches_a_local_build_and_select_writes_the_subset(
     )
 
 
+def test_report_runs_the_notebook_on_the_build_in_s3(s3_demo: str) -> None:
+    """`python -m pipeline report --out s3://...`: the notebook reads index, stats and sample tars from
+    the bucket (its kernel inherits the AWS environment) and the HTML lands beside the build."""
+    result = pipeline_cli("report", "--out", s3_demo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = storage.read_text(f"{s3_demo}/shard_stats.html")
+    assert html.count("data:image/png") >= 5  # buckets, splits, gaze, the 2x2 panel, the sample frames
+    assert "Traceback" not in html and "real" in html
+
+
 def test_a_build_killed_mid_run_on_s3_reruns_to_every_sample_exactly_once(s3: str, tmp_path: Path) -> None:
     out, prefix = f"{s3}/killed", "killed/shards/"
     args = ["--dataset", "demo", "--root", str(tmp_path / "demo"), "--out", out]
