@@ -115,7 +115,7 @@ def test_stage_2_through_ray_job_submit_then_relaunched_keeps_stage_1s_model(
     """`ray job submit --working-dir . -- python jobs/stage2.py ...` against a loopback head, from a stage 1
     trained with v-prediction, reference dropout 0.3 and the Ada branch; relaunched after its checkpoint,
     it resumes that model (not the stage-2 YAML's) and ends at the planned step. EMA on; held-out
-    validation on a val shard."""
+    validation (loss, video, reconstruction metrics) on a val shard."""
     storage = tmp_path / "train"
     settings = {"prediction_type": "v_prediction", "reference_dropout": 0.3, "driven_ada": True}
     save_checkpoint(build_megactor(tiny_model_weights, MegActorConfig(**settings)), tmp_path / "stage1")
@@ -124,6 +124,7 @@ def test_stage_2_through_ray_job_submit_then_relaunched_keeps_stage_1s_model(
         "--config", "configs/train/tiny.yaml", f"data.root={demo_out}", f"storage_path={storage}",
         "progress=false", f"model.weights_dir={tiny_model_weights}", f"model.init_from={tmp_path / 'stage1'}",
         "ema.enabled=true", f"validation.shards={held_out}", "validation.loss_every=3", "validation.every=6",
+        "validation.eval_every=6", "validation.eval_clips=1", "validation.eval_steps=1",
     ]  # fmt: skip
     with loopback_head(tmp_path / "head", 6393, 8273) as (address, env, temp_dir):
         job = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python",
@@ -154,6 +155,10 @@ def test_stage_2_through_ray_job_submit_then_relaunched_keeps_stage_1s_model(
     assert (config["data"]["stride"], config["data"]["shards"]) == (12, "gaze/shards")
     assert sorted(tensorboard_scalars(run_dir, "val/loss")) == [3, 6]
     assert (run_dir / "validation" / "step_0000006.mp4").is_file()
+    # validation.eval_every inside a real run: PSNR / SSIM / L1 logged at step 6 only, in their ranges.
+    metrics = {name: tensorboard_scalars(run_dir, f"val/{name}") for name in ("psnr", "ssim", "l1")}
+    assert all(sorted(values) == [6] for values in metrics.values()), metrics
+    assert 0 < metrics["psnr"][6] < 100 and -1 <= metrics["ssim"][6] <= 1 and 0 <= metrics["l1"][6] <= 1
 
 
 def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path: Path) -> None:
