@@ -77,6 +77,18 @@ def test_check_resources_counts_the_chained_pools(monkeypatch: pytest.MonkeyPatc
         check_resources(BuildConfig(stages=stages, task_num_cpus=0.5), {"CPU": 2.0})
 
 
+def test_the_demo_chains_every_annotator_in_two_actors_and_fits_one_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One chained actor ran the 2-core demo 1.32x slower than five pools (benchmarks/RESULTS.md): the
+    demo's chain has two actors, and a `num_cpus=1` build (tests/test_build_e2e.py) still fits."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = load_build_config("demo")
+    (pool,) = plan_pools(config)
+    assert len(pool.stages) == 5 and pool.size == 2
+    check_resources(config, {"CPU": 1.0})
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
