@@ -29,12 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 BUCKET = "megactor-test"
 TINY = str(REPO / "configs" / "train" / "tiny.yaml")
-# Small demo; the trainer needs face and foreground masks, select needs gaze scores: those three
-# annotators, and only the real bucket (swap / style would add their two slow annotators).
+# Small demo; the trainer needs face and foreground masks, select needs gaze scores, and the swap
+# bucket reads the identity bank the build writes to S3: those four annotators (style would add SDXL).
 SMALL = [
     "demo.identities=3", "demo.vfhq_clips=3", "demo.celebvhq_clips=3", "demo.min_frames=20",
     "demo.max_frames=40", "max_frames=24", "min_frames=8", "resolution=128", "samples_per_shard=2",
-    "mix={real: 1.0, swap: 0.0, style: 0.0}",
+    "mix={real: 0.6, swap: 0.4, style: 0.0}",
 ]  # fmt: skip
 OVERLAY = """
 stages:
@@ -43,6 +43,7 @@ stages:
   - {name: foreground, num_cpus: 0.2, pool_size: 1, batch_size: 1,
      options: {backend: parsing, parsing_model: bisenet, input_size: 128, frame_batch: 16}}
   - {name: gaze, num_cpus: 0.2, pool_size: 1, batch_size: 1, options: {input_size: 224, frame_batch: 16}}
+  - {name: swap, num_cpus: 0.2, pool_size: 1, batch_size: 1}
 """
 
 
@@ -93,7 +94,15 @@ def test_demo_build_to_s3_matches_a_local_build_and_select_writes_the_subset(
     s3_demo: str, tmp_path: Path
 ) -> None:
     keys = object_keys(BUCKET, "demo/")
-    for name in ("build.json", "manifest.parquet", "index.parquet", "failures.parquet", ".build.lock"):
+    names = (
+        "build.json",
+        "manifest.parquet",
+        "index.parquet",
+        "failures.parquet",
+        ".build.lock",
+        "identities.parquet",
+    )
+    for name in names:
         assert f"demo/{name}" in keys, name
     assert not uncommitted(BUCKET, "demo/shards/")
     assert not [k for k in keys if "/." in k and not k.endswith(".build.lock")], "a temp object is visible"
@@ -108,6 +117,10 @@ def test_demo_build_to_s3_matches_a_local_build_and_select_writes_the_subset(
     assert all({"real.mp4", "face.npz", "fg.npz", "gaze.npy", "json"} <= set(s) for s in samples), (
         "annotators ran"
     )
+    # The swap bucket's sources came from the identity bank on S3.
+    swapped = [s for s in samples if json.loads(s["json"])["bucket"] == "swap"]
+    assert swapped and all("swap.mp4" in s for s in swapped)
+    assert len(storage.read_parquet(f"{s3_demo}/identities.parquet")) >= 2
 
     # The same recipe built to a local folder plans and writes the same samples.
     local = tmp_path / "out"
