@@ -25,7 +25,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class BuildSummary:
     bytes_total: int
     seconds: float
     failure_fraction: float
+    source_counters: dict[str, int] = field(default_factory=dict)  # tolerated source oddities, by name
 
     def lines(self) -> list[str]:
         return [
@@ -267,6 +268,7 @@ def _build_locked(
         bytes_total=sum(s["bytes"] for s in stats),
         seconds=time.perf_counter() - started,
         failure_fraction=failed_clips / clips_in if clips_in else 0.0,
+        source_counters=dict(scan.counters),
     )
     if len(index) != sum(s["samples"] for s in stats):
         held = sum(s["samples"] for s in stats)

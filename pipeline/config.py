@@ -35,6 +35,9 @@ class VfhqConfig:
     meta_dir: str = ""  # the folder of Clip+...txt files, or a zip of them
     frames_dir: str = ""  # the folder to search for frame folders and zips (default: ROOT)
     search_depth: int = 4  # folder levels searched below frames_dir for clip folders and zips
+    # A meta txt holds a few thousand ~100-byte rows: anything bigger (on disk or as a zip member) is a
+    # damaged or wrong file, refused before it is read into memory.
+    meta_max_bytes: int = 16 * 2**20
 
 
 @dataclass
@@ -44,6 +47,8 @@ class CelebvhqConfig:
     info_file: str = ""  # celebvhq_info.json (default: ROOT/celebvhq_info.json, else one level down)
     videos_dir: str = ""  # cut clips <clip_id>.mp4 / <clip_id>_<k>.mp4 (default: processed/ or videos/)
     raw_dir: str = ""  # whole source videos <ytb_id>.mp4 (default: raw/)
+    # A raw clip's official crop narrower than this (pixels) is a bad bbox, not a face worth upscaling.
+    min_crop_pixels: int = 32
 
 
 @dataclass
@@ -136,6 +141,8 @@ class BuildConfig:
             )
         if self.chain_stages not in CHAINS:
             raise ValueError(f"chain_stages must be one of {CHAINS}, got {self.chain_stages!r}")
+        if self.vfhq.meta_max_bytes < 1 or self.celebvhq.min_crop_pixels < 2:
+            raise ValueError("vfhq.meta_max_bytes must be >= 1 and celebvhq.min_crop_pixels >= 2")
         if self.crop_scale < 1.0:
             raise ValueError(f"crop_scale must be >= 1, got {self.crop_scale}")
 

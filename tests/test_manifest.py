@@ -46,9 +46,14 @@ def test_manifest_segments_share_bucket_and_slice_boxes() -> None:
     assert len(last) == 50 and last[0][0] == manifest.loc[2, "frame_start"]
 
 
-def test_manifest_refuses_colliding_keys() -> None:
-    with pytest.raises(ValueError, match="collide"):
-        build_manifest(ScanResult([record("a.b", 20), record("a_b", 20)], []), BuildConfig(min_frames=10))
+def test_colliding_keys_fail_both_clips() -> None:
+    scan = ScanResult([record("a.b", 20), record("a_b", 20), record("c", 20)], [])
+    manifest, failures = build_manifest(scan, BuildConfig(min_frames=10))
+    assert sorted((f.clip_id, f.error) for f in failures) == [
+        ("a.b", "id_collision"),
+        ("a_b", "id_collision"),
+    ]
+    assert list(manifest["clip_id"]) == ["c"]
 
 
 def test_bucket_is_fixed_by_clip_and_seed_not_order() -> None:

@@ -52,8 +52,16 @@ class ScanResult:
     failures: list[ClipFailure]
     # What the reader looked for and found, for the error when no clip is usable.
     searched: list[str] = field(default_factory=list)
+    # Tolerated oddities, by name -> number of clips (e.g. duplicate_meta_rows): logged once per clip,
+    # counted here so the build's summary shows them.
+    counters: dict[str, int] = field(default_factory=dict)
 
     def extend(self, other: ScanResult) -> None:
         self.records.extend(other.records)
         self.failures.extend(other.failures)
         self.searched.extend(other.searched)
+        for name, count in other.counters.items():
+            self.count(name, count)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n

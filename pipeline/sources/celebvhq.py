@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ INFO_NAME = "celebvhq_info.json"
 CUT_DIRS = ("processed", "videos")
 RAW_DIR = "raw"
 BBOX_GROWTH = 0.02  # the official processing grows the bbox by this (absolute, fraction of the frame)
+FPS_RANGE = (1.0, 240.0)  # frame rates a real video has; a probe outside it read a damaged header
 
 
 class InfoError(ValueError):
@@ -54,38 +56,81 @@ def find_info_file(root: Path, config: CelebvhqConfig) -> Path:
     )
 
 
-def load_info(path: Path) -> tuple[dict[str, Any], dict[str, dict]]:
-    """(meta_info, clips) of celebvhq_info.json; a missing or malformed file stops the scan."""
+class _Object(dict):
+    """A JSON object that remembers the keys it held more than once (json keeps the last silently)."""
+
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    obj.duplicates = [] if len(obj) == len(pairs) else list(Counter(k for k, _ in pairs) - Counter(list(obj)))
+    return obj
+
+
+def load_info(path: Path) -> tuple[dict[str, Any], dict[str, dict], list[str]]:
+    """(meta_info, clips, clip ids listed twice) of celebvhq_info.json; a missing or malformed file
+    stops the scan."""
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(), object_pairs_hook=_object)
     except (json.JSONDecodeError, UnicodeError) as exc:
         raise SourceError(f"{path} is not valid JSON: {exc}") from exc
     clips = info.get("clips") if isinstance(info, dict) else None
     if not isinstance(clips, dict):
         raise SourceError(f"{path} has no 'clips' mapping")
     meta_info = info.get("meta_info") if isinstance(info.get("meta_info"), dict) else {}
-    return meta_info, clips
+    for key in ("appearance_mapping", "action_mapping"):
+        names = meta_info.get(key)
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise SourceError(f"{path}: meta_info.{key} must be a list of names, got {type(names).__name__}")
+    return meta_info, clips, sorted(getattr(clips, "duplicates", []))
+
+
+def _flags(attributes: dict[str, Any], kind: str) -> list[Any]:
+    flags = attributes.get(kind)
+    if flags is None:
+        return []
+    finite = (
+        all(isinstance(f, int | float) and math.isfinite(f) for f in flags)
+        if isinstance(flags, list)
+        else False
+    )
+    if not finite:
+        raise InfoError(f"attributes.{kind} must be a list of 0/1 numbers, got {flags!r:.80}")
+    return flags
+
+
+def _emotions(attributes: dict[str, Any]) -> list[str]:
+    emotion = attributes.get("emotion")
+    if emotion is None:
+        return []
+    if not isinstance(emotion, dict):
+        raise InfoError(f"attributes.emotion must be a mapping, got {emotion!r:.80}")
+    raw = emotion.get("labels")
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and all(isinstance(i, dict) and isinstance(i.get("emotion"), str) for i in raw):
+        return [item["emotion"] for item in raw if item["emotion"]]
+    raise InfoError(
+        f"attributes.emotion.labels must be a name or a list of {{emotion: name}}, got {raw!r:.80}"
+    )
 
 
 def clip_labels(entry: dict[str, Any], meta_info: dict[str, Any]) -> dict[str, list[str]]:
-    """Appearance and action attributes set to 1, and the clip's emotions, by name."""
-    attributes = entry.get("attributes") or {}
+    """Appearance and action attributes set to 1, and the clip's emotions, by name; InfoError names a
+    field of the wrong type."""
+    attributes = entry.get("attributes")
+    if attributes is None:
+        attributes = {}
+    if not isinstance(attributes, dict):
+        raise InfoError(f"attributes must be a mapping, got {type(attributes).__name__}")
     labels: dict[str, list[str]] = {}
     for kind in ("appearance", "action"):
         names = meta_info.get(f"{kind}_mapping") or []
-        flags = attributes.get(kind) or []
-        labels[kind] = [str(name) for name, flag in zip(names, flags, strict=False) if flag]
-    emotion = attributes.get("emotion") or {}
-    raw = emotion.get("labels") if isinstance(emotion, dict) else None
-    if isinstance(raw, str):
-        emotions = [raw]
-    elif isinstance(raw, list):
-        emotions = [
-            str(item.get("emotion")) for item in raw if isinstance(item, dict) and item.get("emotion")
-        ]
-    else:
-        emotions = []
-    labels["emotion"] = list(dict.fromkeys(emotions))
+        labels[kind] = [name for name, flag in zip(names, _flags(attributes, kind), strict=False) if flag]
+    labels["emotion"] = list(dict.fromkeys(_emotions(attributes)))
     return labels
 
 
@@ -99,8 +144,10 @@ def clip_times(entry: dict[str, Any]) -> ClipTimes:
     duration = entry.get("duration")
     try:
         start, end = float(duration["start_sec"]), float(duration["end_sec"])
-    except (TypeError, KeyError, ValueError) as exc:
+    except (TypeError, KeyError, ValueError, OverflowError) as exc:
         raise InfoError(f"duration needs numeric start_sec and end_sec, got {duration!r}") from exc
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise InfoError(f"duration [{start}, {end}) s is not finite")
     if start < 0 or end <= start:
         raise InfoError(f"duration [{start}, {end}) s is empty or negative")
     return ClipTimes(start, end)
@@ -111,14 +158,31 @@ def clip_bbox(entry: dict[str, Any]) -> tuple[float, float, float, float]:
     bbox = entry.get("bbox")
     try:
         top, bottom, left, right = (float(bbox[k]) for k in ("top", "bottom", "left", "right"))
-    except (TypeError, KeyError, ValueError) as exc:
+    except (TypeError, KeyError, ValueError, OverflowError) as exc:
         raise InfoError(f"bbox needs numeric top, bottom, left, right, got {bbox!r}") from exc
+    if not all(math.isfinite(v) for v in (top, bottom, left, right)):
+        raise InfoError(f"bbox {bbox} holds NaN or infinity")
     if not (bottom > top and right > left and bottom > 0 and right > 0 and top < 1 and left < 1):
         raise InfoError(f"bbox {bbox} is empty or lies outside the frame")
+    inside = (min(bottom, 1) - max(top, 0)) * (min(right, 1) - max(left, 0))
+    if inside < 0.5 * (bottom - top) * (right - left):
+        raise InfoError(f"bbox {bbox}: under half of it lies inside the frame (fractions 0-1 expected)")
     return top, bottom, left, right
 
 
-def official_crop(bbox: tuple[float, float, float, float], width: int, height: int) -> list[int]:
+def plain_name(ytb_id: Any) -> bool:
+    """A ytb_id usable as a file name under raw/: no folders, no way out of it."""
+    return (
+        isinstance(ytb_id, str)
+        and ytb_id not in ("", ".", "..")
+        and not any(c in ytb_id for c in "/\\\0")
+        and ".." not in ytb_id
+    )
+
+
+def official_crop(
+    bbox: tuple[float, float, float, float], width: int, height: int, min_side: int = 2
+) -> list[int]:
     """The square (x0, y0, x1, y1) the official processing crops: the bbox grown by 0.02 per side and
     clamped to [0, 1], rounded to pixels, then squared to side 2 * (min(h, w) // 2) about its centre."""
     top, bottom, left, right = bbox
@@ -127,8 +191,11 @@ def official_crop(bbox: tuple[float, float, float, float], width: int, height: i
     top_px, bottom_px = round(top * height), round(bottom * height)
     left_px, right_px = round(left * width), round(right * width)
     half = min(bottom_px - top_px, right_px - left_px) // 2
-    if half < 1:
-        raise InfoError(f"bbox {bbox} is under two pixels on a {width}x{height} frame")
+    if 2 * half < max(min_side, 2):
+        raise InfoError(
+            f"bbox {bbox} gives a {2 * half}-pixel crop of the {width}x{height} frame, under "
+            f"{max(min_side, 2)} (celebvhq.min_crop_pixels)"
+        )
     centre_y, centre_x = (top_px + bottom_px) / 2, (left_px + right_px) / 2
     x0, y0 = math.floor(centre_x - half), math.floor(centre_y - half)
     x0, y0 = min(max(x0, 0), width - 2 * half), min(max(y0, 0), height - 2 * half)
@@ -201,12 +268,20 @@ def _cut_files(
 
 def scan_celebvhq(root: Path, config: CelebvhqConfig, dataset: str = "celebvhq") -> ScanResult:
     info_path = find_info_file(root, config)
-    meta_info, clips = load_info(info_path)
+    meta_info, clips, repeated = load_info(info_path)
     cut_dirs, raw_dir = _cut_dirs(root, config), _raw_dir(root, config)
     looked = [str(d) for d in cut_dirs] + ([str(raw_dir)] if raw_dir else [])
     result = ScanResult(
         [], [], searched=[f"CelebV-HQ: {len(clips)} clips in {info_path}; videos in {looked}"]
     )
+    if repeated:
+        log.warning(
+            "%s lists %d clip ids more than once (the last entry of each is used): %s",
+            info_path,
+            len(repeated),
+            ", ".join(repeated[:5]),
+        )
+        result.count("duplicate_clip_ids", len(repeated))
     if not cut_dirs and raw_dir is None:
         raise SourceError(
             f"no CelebV-HQ videos under {root}: looked for {', '.join(CUT_DIRS)}/ (cut clips) and {RAW_DIR}/ "
@@ -218,7 +293,11 @@ def scan_celebvhq(root: Path, config: CelebvhqConfig, dataset: str = "celebvhq")
     for clip_id, entry in sorted(clips.items()):
         ytb_id = entry.get("ytb_id") if isinstance(entry, dict) else None
         if not isinstance(ytb_id, str) or not ytb_id:
-            msg = f"entry {clip_id!r} has no ytb_id"
+            msg = f"{info_path.name}: entry {clip_id!r} has no ytb_id"
+            result.failures.append(ClipFailure(clip_id, dataset, "source", "malformed_meta", msg))
+            continue
+        if not plain_name(ytb_id):
+            msg = f"{info_path.name}[{clip_id}]: ytb_id {ytb_id!r} is not a plain file name"
             result.failures.append(ClipFailure(clip_id, dataset, "source", "malformed_meta", msg))
             continue
         entries[clip_id] = entry
@@ -241,6 +320,16 @@ def scan_celebvhq(root: Path, config: CelebvhqConfig, dataset: str = "celebvhq")
             msg = f"{plan.path}: {type(probe).__name__}: {probe}"
             result.failures.append(ClipFailure(plan.clip_id, dataset, "source", "unreadable_video", msg))
             continue
+        if not (math.isfinite(probe.fps) and FPS_RANGE[0] <= probe.fps <= FPS_RANGE[1]):
+            msg = f"{plan.path}: the container says {probe.fps:g} fps, not a frame rate in {FPS_RANGE[0]:g}-{FPS_RANGE[1]:g}"
+            result.failures.append(ClipFailure(plan.clip_id, dataset, "source", "unreadable_video", msg))
+            continue
+        try:
+            labels = clip_labels(entry, meta_info)
+        except InfoError as exc:
+            msg = f"{info_path.name}[{plan.parent}]: {exc}"
+            result.failures.append(ClipFailure(plan.clip_id, dataset, "source", "malformed_meta", msg))
+            continue
         record = ClipRecord(
             clip_id=plan.clip_id,
             dataset=dataset,
@@ -251,11 +340,11 @@ def scan_celebvhq(root: Path, config: CelebvhqConfig, dataset: str = "celebvhq")
             num_frames=probe.num_frames,
             width=probe.width,
             height=probe.height,
-            labels=clip_labels(entry, meta_info),
+            labels=labels,
         )
         if plan.raw:
             try:
-                _cut_from_raw(record, entry, probe)
+                _cut_from_raw(record, entry, probe, config.min_crop_pixels)
             except InfoError as exc:
                 msg = f"{info_path.name}[{plan.parent}]: {exc}"
                 result.failures.append(ClipFailure(plan.clip_id, dataset, "source", "malformed_meta", msg))
@@ -267,7 +356,7 @@ def scan_celebvhq(root: Path, config: CelebvhqConfig, dataset: str = "celebvhq")
     return result
 
 
-def _cut_from_raw(record: ClipRecord, entry: dict[str, Any], probe: VideoInfo) -> None:
+def _cut_from_raw(record: ClipRecord, entry: dict[str, Any], probe: VideoInfo, min_crop: int) -> None:
     """Make a whole-source-video record into the clip: its frame range and its official crop."""
     start, stop = official_frame_range(clip_times(entry), probe.fps)
     if start >= probe.num_frames:
@@ -277,6 +366,6 @@ def _cut_from_raw(record: ClipRecord, entry: dict[str, Any], probe: VideoInfo) -
             "%s: ends at frame %d, the source has %d; cut there", record.clip_id, stop, probe.num_frames
         )
         stop = probe.num_frames
-    record.crop_box = official_crop(clip_bbox(entry), probe.width, probe.height)
+    record.crop_box = official_crop(clip_bbox(entry), probe.width, probe.height, min_crop)
     record.frame_offset = start
     record.num_frames = stop - start

@@ -16,9 +16,12 @@ absolute index, never by position or count.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +40,13 @@ CLIP_NAME = re.compile(r"^Clip\+(?P<ytid>.+)\+P(?P<pid>\d+)\+C(?P<idx>\d+)\+F(?P
 MIN_ROW_NUMBERS = 6  # frame, person, box (4); the five landmarks follow
 TRAILING_NUMBER = re.compile(r"(\d+)$")
 META_ZIP = re.compile(r"^meta.*\.zip$", re.IGNORECASE)
+FPS_RANGE = (1.0, 240.0)  # frame rates a real video has; outside it the header is damaged
+MAX_SIDE = 16384  # pixels: W / H beyond it are damage, not video
+# Compression methods zipfile decodes (stored, deflate, bzip2, lzma); anything else cannot be read.
+READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+AES_METHOD = 99  # WinZip AES (7-Zip's "zip AES"): needs a password and a decoder zipfile lacks
+# Errors a damaged zip member raises while zipfile opens or reads it.
+ZIP_READ_ERRORS = (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, EOFError, ValueError)
 
 
 class MetaError(ValueError):
@@ -54,15 +64,17 @@ class VfhqMeta:
     height: int
     boxes: dict[int, list[float]]  # absolute frame index -> x0, y0, x1, y1 in source pixels
     crop: tuple[float, float, float, float]
+    duplicate_rows: int = 0  # frame indices with more than one row (the last row is kept)
 
 
 def _header_value(header: dict[str, str], key: str) -> str:
     return header[key].split()[-1]
 
 
-def _frame_rows(lines: list[tuple[int, str]], width: int, height: int) -> dict[int, list[float]]:
-    """(line number, text) of the frame rows -> absolute index -> box; only the first six numbers of a
-    row are read (the landmarks are not used), all at once: VFHQ has millions of rows."""
+def _frame_rows(lines: list[tuple[int, str]], width: int, height: int) -> tuple[dict[int, list[float]], int]:
+    """(line number, text) of the frame rows -> (absolute index -> box, indices given twice or more);
+    only the first six numbers of a row are read (the landmarks are not used), all at once: VFHQ has
+    millions of rows."""
     parts = [text.split(None, MIN_ROW_NUMBERS)[:MIN_ROW_NUMBERS] for _, text in lines]
     short = next(
         (number for (number, _), p in zip(lines, parts, strict=True) if len(p) < MIN_ROW_NUMBERS), None
@@ -73,6 +85,9 @@ def _frame_rows(lines: list[tuple[int, str]], width: int, height: int) -> dict[i
         table = np.asarray(parts, dtype=np.float64)
     except ValueError as exc:
         raise MetaError(f"a frame row holds a non-number: {exc}") from exc
+    bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if len(bad):
+        raise MetaError(f"line {lines[bad[0]][0]}: a frame row holds NaN or infinity")
     x0, y0, w, h = table[:, 2], table[:, 3], table[:, 4], table[:, 5]
     empty = np.flatnonzero((w <= 0) | (h <= 0))
     if len(empty):
@@ -86,7 +101,32 @@ def _frame_rows(lines: list[tuple[int, str]], width: int, height: int) -> dict[i
         raise MetaError(
             f"frame {int(table[first, 0])}: face box {boxes[first].tolist()} lies outside the {width}x{height} frame"
         )
-    return dict(zip(table[:, 0].astype(np.int64).tolist(), boxes.tolist(), strict=True))
+    indices = table[:, 0].astype(np.int64)
+    duplicates = len(indices) - len(np.unique(indices))
+    return dict(zip(indices.tolist(), boxes.tolist(), strict=True)), duplicates
+
+
+def _header_number(header: dict[str, str], numbers: dict[str, int], key: str) -> float:
+    try:
+        value = float(_header_value(header, key))
+    except ValueError as exc:
+        raise MetaError(f"line {numbers[key]}: {key} {header[key]!r} is not a number") from exc
+    return value
+
+
+def _header_values(header: dict[str, str], numbers: dict[str, int]) -> tuple[float, int, int]:
+    """FPS, W, H of the header, each finite and in a range a real video has."""
+    fps = _header_number(header, numbers, "FPS")
+    low, high = FPS_RANGE
+    if not (math.isfinite(fps) and low <= fps <= high):
+        raise MetaError(f"line {numbers['FPS']}: FPS {fps:g} is not a frame rate in {low:g}-{high:g}")
+    sides = []
+    for key in ("W", "H"):
+        value = _header_number(header, numbers, key)
+        if not (math.isfinite(value) and 1 <= value <= MAX_SIDE):
+            raise MetaError(f"line {numbers[key]}: {key} {value:g} is not a frame size in 1-{MAX_SIDE}")
+        sides.append(int(value))
+    return fps, sides[0], sides[1]
 
 
 def parse_meta(text: str, name: str) -> VfhqMeta:
@@ -98,6 +138,7 @@ def parse_meta(text: str, name: str) -> VfhqMeta:
     if end <= start:
         raise MetaError(f"frame range F{start}-{end} is empty (end <= start)")
     header: dict[str, str] = {}
+    header_lines: dict[str, int] = {}
     rows: list[tuple[int, str]] = []
     crop: tuple[float, float, float, float] | None = None
     for number, line in enumerate(text.splitlines(), 1):
@@ -126,27 +167,22 @@ def parse_meta(text: str, name: str) -> VfhqMeta:
         elif ":" in text_line and not rows:
             key, _, value = text_line.partition(":")
             header[key.strip().upper()] = value.strip()
+            header_lines[key.strip().upper()] = number
         elif rows:
             raise MetaError(f"line {number}: unexpected text {text_line[:40]!r}")
         # else: the column-title line between the header and the rows
     missing = [k for k in ("H", "W", "FPS") if not header.get(k)]
     if missing:
         raise MetaError(f"header lacks {missing}")
-    try:
-        fps = float(_header_value(header, "FPS"))
-        width, height = int(float(_header_value(header, "W"))), int(float(_header_value(header, "H")))
-    except ValueError as exc:
-        raise MetaError(f"header value: {exc}") from exc
-    if fps <= 0 or width <= 0 or height <= 0:
-        raise MetaError(f"header values must be positive: W {width}, H {height}, FPS {fps}")
+    fps, width, height = _header_values(header, header_lines)
     if crop is None:
         raise MetaError(f"no CROP line (file truncated after {len(rows)} frame rows?)")
     if not rows:
         raise MetaError("no frame rows")
-    if not _intersects(crop, width, height):
+    if not all(math.isfinite(v) for v in crop) or not _intersects(crop, width, height):
         raise MetaError(f"CROP {crop} lies outside the {width}x{height} frame")
-    boxes = _frame_rows(rows, width, height)
-    return VfhqMeta(match["ytid"], int(match["pid"]), start, end, fps, width, height, boxes, crop)
+    boxes, duplicates = _frame_rows(rows, width, height)
+    return VfhqMeta(match["ytid"], int(match["pid"]), start, end, fps, width, height, boxes, crop, duplicates)
 
 
 def _intersects(box: tuple[float, ...] | list[float], width: int, height: int) -> bool:
@@ -175,12 +211,33 @@ class MetaFile:
     where: str  # the file, or zip:member, for messages
     split_hint: str | None
     zip_path: Path | None = None  # the meta zip holding it, else None (a plain file at `where`)
+    member: str = ""  # its name inside zip_path
 
-    def read_text(self, archive: zipfile.ZipFile | None = None) -> str:
+    def read_text(self, archive: zipfile.ZipFile | None, cap: int) -> str:
+        """The file's text, refused (MetaError) past `cap` bytes without reading more than cap + 1."""
         if self.zip_path is None:
-            return Path(self.where).read_text(errors="replace")
-        assert archive is not None
-        return archive.read(self.where.split(":", 1)[1]).decode(errors="replace")
+            with open(self.where, "rb") as handle:
+                _check_size(os.fstat(handle.fileno()).st_size, cap)
+                data = handle.read(cap + 1)
+        else:
+            assert archive is not None
+            info = archive.getinfo(self.member)
+            _check_size(info.file_size, cap)
+            try:  # a lying header can still hide more: the read itself stops at cap + 1
+                with archive.open(info) as handle:
+                    data = handle.read(cap + 1)
+            except ZIP_READ_ERRORS as exc:
+                raise MetaError(f"cannot read this zip member: {type(exc).__name__}: {exc}") from exc
+        _check_size(len(data), cap)
+        return data.decode(errors="replace")
+
+
+def _check_size(size: int, cap: int) -> None:
+    if size > cap:
+        raise MetaError(
+            f"{size} bytes, over the {cap}-byte cap for a meta file (a damaged or wrong file; the cap is "
+            "vfhq.meta_max_bytes)"
+        )
 
 
 @dataclass
@@ -199,23 +256,53 @@ class Found:
     folders: int = 0
     txt_files: dict[str, int] = field(default_factory=dict)  # folder -> .txt count (for messages)
     zips: int = 0
+    # Clips named inside a zip that cannot be used (damaged directory, encrypted or undecodable
+    # members): clip -> (failure reason, message naming the zip and the problem).
+    broken: dict[str, tuple[str, str]] = field(default_factory=dict)
+    bad_zips: list[str] = field(default_factory=list)  # damaged zips that named no clip: "path (why)"
 
 
-def _walk(top: Path, depth: int) -> Iterator[tuple[Path, list[os.DirEntry], list[os.DirEntry]]]:
-    """(folder, subfolders, files) down to `depth` levels, not entering clip frame folders."""
+def _kind(entry: os.DirEntry) -> str | None:
+    """ "dir", "file" or None (anything else, and links that loop or lead nowhere: skipped with a
+    warning; a link pointing to itself raises ELOOP from is_dir)."""
     try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        if entry.is_symlink():
+            log.warning("skipping %s: a symbolic link to nothing (%s)", entry.path, os.readlink(entry.path))
+    except OSError as exc:
+        log.warning("skipping %s: %s", entry.path, exc)
+    return None
+
+
+def _walk(
+    top: Path, depth: int, visited: set[tuple[int, int]] | None = None
+) -> Iterator[tuple[Path, list[os.DirEntry], list[os.DirEntry]]]:
+    """(folder, subfolders, files) down to `depth` levels, not entering clip frame folders. Links are
+    followed (downloads are often linked in from elsewhere), but each real folder is listed once, so a
+    link back to an ancestor cannot loop."""
+    visited = set() if visited is None else visited
+    try:
+        status = top.stat()
+        if (status.st_dev, status.st_ino) in visited:
+            log.warning("skipping %s: a link to a folder already searched", top)
+            return
+        visited.add((status.st_dev, status.st_ino))
         entries = list(os.scandir(top))
     except OSError as exc:
         log.warning("cannot list %s: %s", top, exc)
         return
-    folders = [e for e in entries if e.is_dir()]
-    files = [e for e in entries if e.is_file()]
+    kinds = [(e, _kind(e)) for e in entries]
+    folders = [e for e, kind in kinds if kind == "dir"]
+    files = [e for e, kind in kinds if kind == "file"]
     yield top, folders, files
     if depth <= 0:
         return
     for entry in sorted(folders, key=lambda e: e.name):
         if not CLIP_NAME.match(entry.name):
-            yield from _walk(Path(entry.path), depth - 1)
+            yield from _walk(Path(entry.path), depth - 1, visited)
 
 
 def _add_meta(found: Found, meta: MetaFile) -> None:
@@ -239,20 +326,133 @@ def _add_frames(found: Found, name: str, source: FrameSource) -> None:
     found.frames[name] = source
 
 
+# ---------------------------------------------------------------------------------------------------
+# Damaged zips: name the clips they hold, so each becomes a failure row instead of stopping the scan
+
+CENTRAL_HEADER = struct.Struct("<4s6H3L5H2L")  # 46 bytes, signature PK\1\2
+LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # 30 bytes, signature PK\3\4
+END_RECORD = struct.Struct("<4s4H2LH")  # 22 bytes, signature PK\5\6
+SALVAGE_LIMIT = 1_000_000  # members read from a damaged zip's headers at most
+
+
+def _central_names(handle, size: int) -> list[str]:
+    """Member names from the central directory, as far as it parses (bad name bytes replaced)."""
+    handle.seek(max(0, size - 2**16 - END_RECORD.size))
+    tail = handle.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + END_RECORD.size > len(tail):
+        return []
+    *_, cd_size, cd_offset, _ = END_RECORD.unpack_from(tail, at)
+    handle.seek(min(cd_offset, size))
+    data = handle.read(min(cd_size, size))
+    names, pos = [], 0
+    while pos + CENTRAL_HEADER.size <= len(data) and data[pos : pos + 4] == b"PK\x01\x02":
+        header = CENTRAL_HEADER.unpack_from(data, pos)
+        name_length, extra_length, comment_length = header[10:13]
+        start = pos + CENTRAL_HEADER.size
+        names.append(data[start : start + name_length].decode("utf-8", "replace"))
+        pos = start + name_length + extra_length + comment_length
+        if len(names) >= SALVAGE_LIMIT:
+            break
+    return names
+
+
+def _local_names(handle) -> list[str]:
+    """Member names from the local headers, walked from the start of the file."""
+    names, pos = [], 0
+    while len(names) < SALVAGE_LIMIT:
+        handle.seek(pos)
+        head = handle.read(LOCAL_HEADER.size)
+        if len(head) < LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+            break
+        _, _, flags, _, _, _, _, compressed, _, name_length, extra_length = LOCAL_HEADER.unpack(head)
+        names.append(handle.read(name_length).decode("utf-8", "replace"))
+        if flags & 0x8 and compressed == 0:  # sizes only in a data descriptor after the data
+            break
+        pos += LOCAL_HEADER.size + name_length + extra_length + compressed
+    return names
+
+
+def salvage_names(path: Path) -> list[str]:
+    """What a zip that zipfile refuses names, read leniently from both its directory and its local
+    headers (either may be the damaged part); [] when nothing parses."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            return list(dict.fromkeys(_central_names(handle, size) + _local_names(handle)))
+    except (OSError, struct.error, ValueError) as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return []
+
+
+def _member_problem(info: zipfile.ZipInfo, directory_start: int) -> str | None:
+    """Why zipfile would fail to read this member, seen from the directory alone (no read)."""
+    if info.flag_bits & 0x1:
+        return "is encrypted" + (" (WinZip AES)" if info.compress_type == AES_METHOD else "")
+    if info.compress_type not in READABLE_METHODS:
+        return f"uses compression method {info.compress_type}, which cannot be decoded"
+    if info.flag_bits & 0x20:
+        return "holds compressed patched data, which cannot be decoded"
+    if info.header_offset + LOCAL_HEADER.size + info.compress_size > directory_start:
+        return "runs past the start of the central directory (damaged offsets or sizes)"
+    return None
+
+
+def _open_failed(found: Found, path: Path, exc: Exception, reason: str, meta: bool) -> None:
+    """A zip zipfile cannot open: every clip it can still be seen to name fails; else it is noted."""
+    problem = f"{path}: the zip is damaged ({type(exc).__name__}: {exc}); re-download or re-zip it"
+    clips = _clip_prefixes(path, salvage_names(path), meta)
+    if not clips and not meta and CLIP_NAME.match(path.stem):
+        clips = {path.stem: ""}
+    for clip in clips:
+        found.broken.setdefault(clip, (reason, problem))
+    log.warning("%s (%d clips named in it fail)", problem, len(clips))
+    if not clips:
+        found.bad_zips.append(f"{path} ({type(exc).__name__}: {exc})")
+
+
 def _scan_meta_zip(found: Found, path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except Exception as exc:  # noqa: BLE001 - any damage: its clips fail, the scan goes on
+        _open_failed(found, path, exc, "malformed_meta", meta=True)
+        return
     found.meta_zips.append(path)
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.namelist():
-            pure = PurePosixPath(member)
-            if pure.suffix.lower() == ".txt" and CLIP_NAME.match(pure.stem):
-                hint = split_of_path((path.stem, *pure.parts[:-1]))
-                _add_meta(found, MetaFile(pure.stem, f"{path}:{member}", hint, zip_path=path))
+    for member in names:
+        pure = PurePosixPath(member)
+        if pure.suffix.lower() == ".txt" and CLIP_NAME.match(pure.stem):
+            hint = split_of_path((path.stem, *pure.parts[:-1]))
+            _add_meta(found, MetaFile(pure.stem, f"{path}:{member}", hint, zip_path=path, member=member))
 
 
 def _scan_frame_zip(found: Found, path: Path) -> None:
     """A zip of one clip's frames (`<clip>.zip`) or of several (`<clip>/<frame>` entries)."""
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = {info.filename: info for info in archive.infolist()}
+            directory_start = archive.start_dir
+    except Exception as exc:  # noqa: BLE001 - any damage: its clips fail, the scan goes on
+        _open_failed(found, path, exc, "unreadable_frames", meta=False)
+        return
+    names = list(infos)
+    for clip, prefix in _clip_prefixes(path, names, meta=False).items():
+        frames = zip_frame_names(names, prefix)
+        problem = next(
+            ((n, p) for n in frames if (p := _member_problem(infos[n], directory_start)) is not None), None
+        )
+        if problem is not None:
+            message = f"{path}: member {problem[0]} {problem[1]}"
+            found.broken.setdefault(clip, ("unreadable_frames", message))
+            continue
+        _add_frames(found, clip, FrameSource("zip", path, prefix, frames))
+
+
+def _clip_prefixes(path: Path, names: list[str], meta: bool) -> dict[str, str]:
+    """Clip name -> its folder in the zip ("" for `<clip>.zip`): frame images, or meta txt files."""
+    if meta:
+        stems = (PurePosixPath(n).stem for n in names if n.lower().endswith(".txt"))
+        return {stem: "" for stem in stems if CLIP_NAME.match(stem)}
     prefixes: dict[str, str] = {}
     for member in names:
         pure = PurePosixPath(member)
@@ -264,8 +464,7 @@ def _scan_frame_zip(found: Found, path: Path) -> None:
             clip = path.stem
         if clip is not None:
             prefixes.setdefault(clip, "" if folder.parts == () else f"{folder.as_posix()}/")
-    for clip, prefix in prefixes.items():
-        _add_frames(found, clip, FrameSource("zip", path, prefix, zip_frame_names(names, prefix)))
+    return prefixes
 
 
 def find_files(root: Path, meta_root: Path | None, frames_root: Path, depth: int) -> Found:
@@ -274,6 +473,11 @@ def find_files(root: Path, meta_root: Path | None, frames_root: Path, depth: int
     roots = [frames_root] if meta_root is None else [meta_root, frames_root]
     if meta_root is not None and meta_root.is_file():
         _scan_meta_zip(found, meta_root)
+        if not found.meta_zips and not found.broken:
+            raise SourceError(
+                f"VFHQ meta zip {meta_root} (vfhq.meta_dir) cannot be read: {'; '.join(found.bad_zips)}. "
+                "Re-download it, or unpack it and point vfhq.meta_dir at the folder."
+            )
         roots = [frames_root]
     seen: set[Path] = set()
     for top in roots:
@@ -298,13 +502,10 @@ def find_files(root: Path, meta_root: Path | None, frames_root: Path, depth: int
                     continue
                 found.zips += 1
                 path = Path(entry.path)
-                try:
-                    if META_ZIP.match(entry.name) and meta_root is None:
-                        _scan_meta_zip(found, path)
-                    elif not META_ZIP.match(entry.name):
-                        _scan_frame_zip(found, path)
-                except (OSError, zipfile.BadZipFile) as exc:
-                    log.warning("cannot read %s: %s", path, exc)
+                if META_ZIP.match(entry.name) and meta_root is None:
+                    _scan_meta_zip(found, path)
+                elif not META_ZIP.match(entry.name):
+                    _scan_frame_zip(found, path)
             for entry in subfolders:
                 if CLIP_NAME.match(entry.name):
                     _add_frames(found, entry.name, FrameSource("frames", Path(entry.path)))
@@ -318,7 +519,9 @@ def _nothing_found_message(root: Path, found: Found, depth: int) -> str:
         f"no VFHQ meta files (Clip+<ytid>+P<pid>+C<idx>+F<start>-<end>.txt, in folders or meta_info*.zip) "
         f"under {root} (searched {depth} folder levels): found {found.folders} folders, "
         f"{txt_total} other .txt files{' in ' + where if where else ''}, {found.zips} zips, "
-        f"{len(found.frames)} clip frame folders/zips. Point ROOT at the VFHQ download, or set vfhq.meta_dir."
+        f"{len(found.frames)} clip frame folders/zips"
+        + (f"; damaged zips: {'; '.join(found.bad_zips[:3])}" if found.bad_zips else "")
+        + ". Point ROOT at the VFHQ download, or set vfhq.meta_dir."
     )
 
 
@@ -440,30 +643,13 @@ def scan_vfhq(root: Path, config: VfhqConfig, dataset: str = "vfhq") -> ScanResu
         if path is not None and not path.exists():
             raise SourceError(f"VFHQ {key} {path} does not exist (vfhq.{key})")
     found = find_files(root, meta_root, frames_root, config.search_depth)
-    if not found.meta:
+    broken_meta = {n for n, (reason, _) in found.broken.items() if reason == "malformed_meta"}
+    if not found.meta and not broken_meta:
         raise SourceError(_nothing_found_message(meta_root or root, found, config.search_depth))
     result = ScanResult([], [], searched=[f"VFHQ meta files: {len(found.meta)} under {meta_root or root}"])
-    archives = {path: zipfile.ZipFile(path) for path in found.meta_zips}
-    matched: list[tuple[str, VfhqMeta, FrameSource, MetaFile]] = []
-    try:
-        for name in sorted(found.meta):
-            meta_file = found.meta[name]
-            try:
-                meta = parse_meta(meta_file.read_text(archives.get(meta_file.zip_path)), name)
-            except (MetaError, OSError, UnicodeError, KeyError) as exc:
-                result.failures.append(
-                    ClipFailure(name, dataset, "source", "malformed_meta", f"{meta_file.where}: {exc}")
-                )
-                continue
-            source = found.frames.get(name)
-            if source is None:
-                msg = f"no frames of {name} under {frames_root} (<ytid>/<clip>/, <clip>/, <clip>.zip or in a zip)"
-                result.failures.append(ClipFailure(name, dataset, "source", "missing_frames", msg))
-                continue
-            matched.append((name, meta, source, meta_file))
-    finally:
-        for archive in archives.values():
-            archive.close()
+    for name in sorted(broken_meta - set(found.meta)):
+        result.failures.append(ClipFailure(name, dataset, "source", "malformed_meta", found.broken[name][1]))
+    matched = _read_metas(found, frames_root, config.meta_max_bytes, dataset, result)
 
     def record_or_failure(item: tuple[str, VfhqMeta, FrameSource, MetaFile]) -> ClipRecord | ClipFailure:
         name, meta, source, meta_file = item
@@ -473,14 +659,67 @@ def scan_vfhq(root: Path, config: VfhqConfig, dataset: str = "vfhq") -> ScanResu
             return ClipFailure(name, dataset, "source", "missing_frames", str(exc))
         except MetaError as exc:
             return ClipFailure(name, dataset, "source", "malformed_meta", f"{meta_file.where}: {exc}")
-        except (OSError, zipfile.BadZipFile) as exc:
-            return ClipFailure(name, dataset, "source", "unreadable_frames", f"{name}: {exc}")
+        except (OSError, *ZIP_READ_ERRORS) as exc:
+            where = f"{source.path}{':' + source.prefix if source.prefix else ''}"
+            msg = f"{where}: {type(exc).__name__}: {exc}"
+            return ClipFailure(name, dataset, "source", "unreadable_frames", msg)
 
     # Listing each clip's frames and reading its first image header waits on the file system: threads.
     with ThreadPoolExecutor(max_workers=8) as pool:
         for outcome in pool.map(record_or_failure, matched):
             (result.records if isinstance(outcome, ClipRecord) else result.failures).append(outcome)
-    for name in sorted(set(found.frames) - set(found.meta)):
+    for name in sorted(set(found.frames) - set(found.meta) - broken_meta):
         msg = f"frames {found.frames[name].path} have no meta file Clip+...txt for {name}"
         result.failures.append(ClipFailure(name, dataset, "source", "missing_meta", msg))
+    broken_frames = {n for n, (reason, _) in found.broken.items() if reason == "unreadable_frames"}
+    for name in sorted(broken_frames - set(found.meta) - set(found.frames) - broken_meta):
+        result.failures.append(
+            ClipFailure(name, dataset, "source", "unreadable_frames", found.broken[name][1])
+        )
     return result
+
+
+def _read_metas(
+    found: Found, frames_root: Path, cap: int, dataset: str, result: ScanResult
+) -> list[tuple[str, VfhqMeta, FrameSource, MetaFile]]:
+    """Parse every meta file; a clip whose meta or frames cannot be used becomes a failure row."""
+    archives: dict[Path, zipfile.ZipFile] = {}
+    matched: list[tuple[str, VfhqMeta, FrameSource, MetaFile]] = []
+    try:
+        for name in sorted(found.meta):
+            meta_file = found.meta[name]
+            try:
+                archive = None
+                if meta_file.zip_path is not None:
+                    if meta_file.zip_path not in archives:
+                        archives[meta_file.zip_path] = zipfile.ZipFile(meta_file.zip_path)
+                    archive = archives[meta_file.zip_path]
+                meta = parse_meta(meta_file.read_text(archive, cap), name)
+            except (MetaError, OSError, UnicodeError, KeyError, *ZIP_READ_ERRORS) as exc:
+                result.failures.append(
+                    ClipFailure(name, dataset, "source", "malformed_meta", f"{meta_file.where}: {exc}")
+                )
+                continue
+            if meta.duplicate_rows:
+                log.warning(
+                    "%s: %d frame indices have more than one row; the last row of each is used",
+                    meta_file.where,
+                    meta.duplicate_rows,
+                )
+                result.count("duplicate_meta_rows")
+            source = found.frames.get(name)
+            if source is None and found.broken.get(name, ("",))[0] == "unreadable_frames":
+                reason, message = found.broken[name]
+                result.failures.append(ClipFailure(name, dataset, "source", reason, message))
+                continue
+            if source is None:
+                msg = f"no frames of {name} under {frames_root} (<ytid>/<clip>/, <clip>/, <clip>.zip or in a zip)"
+                if found.bad_zips:
+                    msg += f"; damaged zips that may hold it: {'; '.join(found.bad_zips[:3])}"
+                result.failures.append(ClipFailure(name, dataset, "source", "missing_frames", msg))
+                continue
+            matched.append((name, meta, source, meta_file))
+    finally:
+        for archive in archives.values():
+            archive.close()
+    return matched
