@@ -340,15 +340,6 @@ def read_image_frames(
     return _stack(frames, str(source))
 
 
-def _place_on_axis(centre: float, side: float, extent: int) -> int:
-    """Start of a square's side along one axis of the frame, centred on `centre`: a square shorter than
-    the frame may reach past its border (the pad keeps the face centred), a longer one covers it."""
-    start = centre - side / 2
-    if side >= extent:
-        start = min(max(start, extent - side), 0.0)
-    return round(start)
-
-
 def face_inside_fraction(box: Sequence[float], frame_width: int, frame_height: int) -> float:
     """The part of a box's area that lies inside the frame."""
     x0, y0, x1, y1 = box
@@ -364,8 +355,8 @@ def square_crop_box(
 
     The square may extend past the frame; `crop_and_resize` pads with black there, so a face near the
     border keeps its place and aspect instead of being squeezed against it. Its side is at most the
-    frame's larger side, and along an axis where it is as long as the frame it covers the frame.
-    Raises ClipError (face_outside) when under half of the union lies inside the frame.
+    frame's larger side. Raises ClipError (face_outside) when under half of the union lies inside the
+    frame: the crop would be mostly padding (and with it, the union's centre lies inside the frame).
     """
     arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(arr) == 0:
@@ -383,9 +374,9 @@ def square_crop_box(
         )
     side = max(x1 - x0, y1 - y0) * scale
     side = min(side, max(frame_width, frame_height))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = round(cx - side / 2), round(cy - side / 2)
     side_px = max(1, round(side))
-    left = _place_on_axis((x0 + x1) / 2, side_px, frame_width)
-    top = _place_on_axis((y0 + y1) / 2, side_px, frame_height)
     return left, top, left + side_px, top + side_px
 
 

@@ -209,15 +209,12 @@ def test_face_mostly_outside_the_frame_fails_the_clip() -> None:
     assert info.value.reason == "face_outside"
 
 
-def test_a_square_as_large_as_the_frame_covers_it_instead_of_padding() -> None:
-    # The union grown by 1.8 (360) is clamped to the frame (330); centred on the face it would pad
-    # 35 px of black on one side and cut 35 px of picture on the other.
-    assert square_crop_box([[100, 100, 300, 300]], 330, 330, 1.8) == (0, 0, 330, 330)
-
-
 def test_a_face_near_the_border_keeps_its_small_pad() -> None:
-    # Smaller than the frame: padded past the left border so the face stays centred (as before).
+    # Padded past the left border so the face stays centred (as before), also when the square is as
+    # large as the frame; a face partly outside (here 20 %) is still a sample.
     assert square_crop_box([[5, 100, 45, 140]], 330, 330, 1.8) == (-11, 84, 61, 156)
+    assert square_crop_box([[100, 100, 300, 300]], 330, 330, 1.8) == (35, 35, 365, 365)
+    assert square_crop_box([[-10, 100, 40, 150]], 330, 330, 1.8) == (-30, 80, 60, 170)
 
 
 def test_crop_pads_only_the_patch_and_matches_a_padded_frame() -> None:
