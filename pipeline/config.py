@@ -96,6 +96,9 @@ class BuildConfig:
     max_frames: int = 240  # long enough for a stage-2 sample: 16 frames at stride 12 span 181
     min_frames: int = 16
     crop_scale: float = 1.8  # square side = scale x the union of the clip's face boxes
+    min_face_px: int = 64  # a face crop with a shorter side (source pixels) fails as too_small
+    # Frames declaring more pixels fail as frame_too_large before decoding (8192²: any 8K source).
+    max_frame_pixels: int = 8192 * 8192
     mix: dict[str, float] = field(default_factory=lambda: {"real": 0.5, "swap": 0.4, "style": 0.1})
     seed: int = 0
     samples_per_shard: int = 64
@@ -145,6 +148,10 @@ class BuildConfig:
             raise ValueError("vfhq.meta_max_bytes must be >= 1 and celebvhq.min_crop_pixels >= 2")
         if self.crop_scale < 1.0:
             raise ValueError(f"crop_scale must be >= 1, got {self.crop_scale}")
+        if self.min_face_px < 1 or self.max_frame_pixels < 1:
+            raise ValueError(
+                f"min_face_px and max_frame_pixels must be >= 1, got {self.min_face_px}, {self.max_frame_pixels}"
+            )
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

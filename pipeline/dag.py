@@ -55,6 +55,8 @@ def _decode_step(config: BuildConfig):
         resolution=config.resolution,
         crop_scale=config.crop_scale,
         threads=config.video.threads,
+        min_face_px=config.min_face_px,
+        max_frame_pixels=config.max_frame_pixels,
     )
     return guarded("decode", decode)
 

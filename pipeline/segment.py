@@ -11,7 +11,10 @@ import numpy as np
 
 from pipeline.rows import Row, text_field
 from pipeline.video import (
+    MAX_FRAME_PIXELS,
+    ClipError,
     centre_square_box,
+    check_frame_size,
     crop_and_resize_frame,
     read_image_frames,
     read_video_frames,
@@ -44,23 +47,46 @@ def segment_crop_box(row: Row, crop_scale: float) -> tuple[tuple[int, int, int, 
     return centre_square_box(width, height), None
 
 
-def decode_segment(row: Row, resolution: int, crop_scale: float, threads: int = 0) -> Row:
+def decode_segment(
+    row: Row,
+    resolution: int,
+    crop_scale: float,
+    threads: int = 0,
+    min_face_px: int = 64,
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
+) -> Row:
     """Add `frames` (uint8 [T,R,R,3]) and `crop_box` (x0, y0, x1, y1 in source pixels) to a manifest
     row, and move its `face_boxes` (JSON, per frame) into output pixels; "" when the dataset has none.
 
     Each frame is cropped and resized as it is decoded: a task never holds the segment at source size.
-    threads: decoder and OpenCV threads; 1 inside Ray tasks, which already run one per CPU."""
+    threads: decoder and OpenCV threads; 1 inside Ray tasks, which already run one per CPU.
+    min_face_px: a crop with a shorter side is refused (ClipError too_small) instead of upscaled.
+    max_frame_pixels: frames declaring more pixels are refused before they are decoded."""
     if threads:
         cv2.setNumThreads(threads)
     start, stop = int(row["frame_start"]), int(row["frame_stop"])
     source = Path(str(row["source"]))
-    box, boxes = segment_crop_box(row, crop_scale)
     size = (int(row["width"]), int(row["height"]))
+    check_frame_size(size, str(source), None, max_frame_pixels)
+    try:
+        box, boxes = segment_crop_box(row, crop_scale)
+    except ClipError as exc:
+        raise ClipError(exc.reason, f"{source}: {exc}") from exc
+    side = box[2] - box[0]
+    if side < min_face_px:
+        raise ClipError(
+            "too_small",
+            f"{source}: the face crop is {side} px on a {size[0]}x{size[1]} frame, under min_face_px "
+            f"{min_face_px}: upscaling it to {resolution} px would make a blurred sample",
+        )
     crop = functools.partial(_checked_crop, box=box, resolution=resolution, size=size)
     if row["source_kind"] == "video":
-        frames = read_video_frames(source, start, stop, threads, transform=crop)
+        frames = read_video_frames(source, start, stop, threads, transform=crop, max_pixels=max_frame_pixels)
     else:
-        frames = read_image_frames(source, start, stop, text_field(row, "member_prefix"), transform=crop)
+        prefix = text_field(row, "member_prefix")
+        frames = read_image_frames(
+            source, start, stop, prefix, transform=crop, size=size, max_pixels=max_frame_pixels
+        )
     if boxes is not None:
         x0, y0, x1, _ = box
         scale = resolution / (x1 - x0)

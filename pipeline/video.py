@@ -6,11 +6,13 @@ Everything here works on uint8 RGB arrays shaped (T, H, W, 3) so stages never se
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import cv2
@@ -18,6 +20,24 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BT709, LIMITED_RANGE = 1, 1  # AVCOL_SPC / AVCOL_PRI / AVCOL_TRC_BT709, AVCOL_RANGE_MPEG
+# Frames above this many pixels are refused before decoding (config: max_frame_pixels). 8192² holds
+# any 8K source; one decoded frame of that size is 200 MB of RGB.
+MAX_FRAME_PIXELS = 8192 * 8192
+# An image file holds at most 8 bytes per pixel (16-bit RGBA stored uncompressed) plus its metadata
+# chunks: a frame file or zip member larger than that is not the frame it claims to be.
+MAX_BYTES_PER_PIXEL = 8
+FRAME_FILE_MARGIN = 4 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (SOF0..SOF15 less DHT, JPG and DAC, which share the range).
+JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class ClipError(ValueError):
+    """A clip that cannot give a good sample; `reason` becomes the failure row's error code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -43,7 +63,8 @@ class VideoInfo:
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    """Frame count, fps and size from the container header (no full decode)."""
+    """Frame count, fps and displayed size (rotation applied) from the container header and the first
+    frame; no full decode."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
@@ -54,7 +75,27 @@ def probe_video(path: str | Path) -> VideoInfo:
             num_frames = round(float(stream.duration * stream.time_base) * fps)
         if num_frames <= 0:
             raise ValueError(f"{path}: container does not say how many frames it holds")
-        return VideoInfo(num_frames, fps, stream.codec_context.width, stream.codec_context.height)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        # The display matrix travels on the decoded frames; one frame tells the rotation.
+        first = next(container.decode(stream), None)
+        if first is not None and quarter_turns(first.rotation, str(path)) % 2:
+            width, height = height, width
+        return VideoInfo(num_frames, fps, width, height)
+
+
+def quarter_turns(rotation: float, what: str) -> int:
+    """The counter-clockwise quarter turns a display matrix asks for (PyAV's VideoFrame.rotation)."""
+    turns = round(rotation / 90)
+    if abs(rotation - 90 * turns) > 1:
+        raise ClipError(
+            "unsupported_rotation", f"{what}: display rotation {rotation:g}° is not a quarter turn"
+        )
+    return turns % 4
+
+
+def displayed(image: np.ndarray, turns: int) -> np.ndarray:
+    """A decoded frame as players show it: rotated counter-clockwise by `turns` quarter turns."""
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 FrameTransform = Callable[[np.ndarray], np.ndarray]
@@ -70,19 +111,26 @@ def _stack(frames: list[np.ndarray], what: str) -> np.ndarray:
 
 
 def iter_video_frames(
-    source: str | Path | bytes, start: int = 0, stop: int | None = None, threads: int = 0
+    source: str | Path | bytes,
+    start: int = 0,
+    stop: int | None = None,
+    threads: int = 0,
+    max_pixels: int = MAX_FRAME_PIXELS,
 ) -> Iterator[tuple[int, av.VideoFrame]]:
-    """(index, frame) for the frames [start, stop) of a video, index = round(time x fps).
+    """(index, frame) for the frames [start, stop) of a video, in the order they are shown.
 
     Seeks to the keyframe before `start` instead of decoding from the first frame: a clip at minute 5
-    of a whole source video (raw CelebV-HQ) costs its own GOPs, not 9,000 frames. Frames are indexed
-    by their timestamps, as a time-based cut (ffmpeg -ss / -to) selects them.
+    of a whole source video (raw CelebV-HQ) costs its own GOPs, not 9,000 frames. As a time-based cut
+    (ffmpeg -ss) does, the first frame at or after `start / fps` is frame `start` and the frames after
+    it are counted, so a variable-frame-rate video loses no frame to timestamps closer than 1 / fps.
     """
     handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     with av.open(handle) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        check_frame_size((width, height), "the video stream", None, max_pixels)
         if threads == 1:
             stream.codec_context.thread_count = 1
         else:
@@ -93,20 +141,23 @@ def iter_video_frames(
         origin = stream.start_time or 0
         if fps <= 0 or time_base is None:
             raise ValueError("the video stream has no frame rate or time base")
+        # Half a frame early, so a frame exactly at `start` is not skipped by rounding.
+        first_time = (start - 0.5) / fps
         if start > 0:
-            # Half a frame early, so a keyframe exactly at `start` is not skipped by rounding.
-            target = origin + int((start - 0.5) / fps / time_base)
+            target = origin + int(first_time / time_base)
             container.seek(max(origin, target), backward=True, any_frame=False, stream=stream)
-        last = start - 1
+        index: int | None = None
         for frame in container.decode(stream):
-            if frame.pts is None:
-                raise ValueError("a decoded frame has no timestamp")
-            index = round(float((frame.pts - origin) * time_base) * fps)
-            if index <= last:
-                continue  # before the range, or a repeated timestamp
+            if index is None:
+                if frame.pts is None:
+                    raise ValueError("a decoded frame has no timestamp")
+                if float((frame.pts - origin) * time_base) < first_time:
+                    continue  # before the range
+                index = start
+            else:
+                index += 1
             if stop is not None and index >= stop:
                 return
-            last = index
             yield index, frame
 
 
@@ -116,21 +167,92 @@ def read_video_frames(
     stop: int | None = None,
     threads: int = 0,
     transform: FrameTransform | None = None,
+    max_pixels: int = MAX_FRAME_PIXELS,
 ) -> np.ndarray:
     """Decode frames [start, stop) of a video file or in-memory video as RGB uint8 (T, H, W, 3).
 
     threads: decoder threads, 0 = as many as the codec likes (1 inside a Ray task: one task per CPU).
     transform: applied to each frame as it is decoded (crop and resize), so a task never holds a whole
     segment at source resolution.
+    Frames come as displayed: the stream's display matrix (a phone video's rotation) is applied.
     Raises ValueError when the video ends before `stop` or holds no decodable frame in range.
     """
     frames: list[np.ndarray] = []
-    for _, frame in iter_video_frames(source, start, stop, threads):
-        image = frame.to_ndarray(format="rgb24")
+    what = "<bytes>" if isinstance(source, bytes) else str(source)
+    for _, frame in iter_video_frames(source, start, stop, threads, max_pixels):
+        image = displayed(frame.to_ndarray(format="rgb24"), quarter_turns(frame.rotation, what))
         frames.append(transform(image) if transform else image)
     if stop is not None and len(frames) < stop - start:
         raise ValueError(f"video ended after {start + len(frames)} frames, expected {stop}")
     return _stack(frames, "video")
+
+
+def _read_exact(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise ValueError("the header is truncated")
+    return data
+
+
+def _jpeg_size(handle: BinaryIO) -> tuple[int, int]:
+    """Width and height of the first SOF segment, skipping the segments before it (APPn, DQT, ...)."""
+    while True:
+        if _read_exact(handle, 1) != b"\xff":
+            raise ValueError("a JPEG segment does not start with a marker")
+        marker = _read_exact(handle, 1)[0]
+        while marker == 0xFF:  # fill bytes before a marker
+            marker = _read_exact(handle, 1)[0]
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            continue  # markers without a length
+        if marker in (0xD9, 0xDA):
+            raise ValueError("the JPEG has no frame header (SOF) before its image data")
+        (length,) = struct.unpack(">H", _read_exact(handle, 2))
+        if length < 2:
+            raise ValueError(f"JPEG segment length {length} is invalid")
+        if marker in JPEG_SOF:
+            _, height, width = struct.unpack(">BHH", _read_exact(handle, 5))
+            return width, height
+        _read_exact(handle, length - 2)
+
+
+def image_header_size(handle: BinaryIO, name: str) -> tuple[int, int]:
+    """(width, height) a PNG (IHDR) or JPEG (SOF) declares, read from the header without decoding."""
+    try:
+        start = _read_exact(handle, 2)
+        if start == b"\xff\xd8":
+            return _jpeg_size(handle)
+        head = start + _read_exact(handle, 22)
+        if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+            raise ValueError("neither a PNG nor a JPEG")
+    except ValueError as exc:
+        raise ValueError(f"{name}: not a decodable image ({exc})") from exc
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height
+
+
+def check_frame_size(
+    size: tuple[int, int], name: str, expected: tuple[int, int] | None, max_pixels: int
+) -> None:
+    """Refuse a frame whose declared size is empty, over `max_pixels` or not the clip's size."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ClipError("bad_frame", f"{name}: declares an empty {width}x{height} image")
+    if width * height > max_pixels:
+        raise ClipError(
+            "frame_too_large",
+            f"{name}: declares {width}x{height} ({width * height:,} pixels), over the limit of "
+            f"{max_pixels:,} pixels; raise max_frame_pixels if such frames are real",
+        )
+    if expected is not None and (width, height) != tuple(expected):
+        raise ClipError(
+            "frame_size_mismatch",
+            f"{name}: declares {width}x{height}, the clip's frames are {expected[0]}x{expected[1]}",
+        )
+
+
+def frame_byte_limit(size: tuple[int, int]) -> int:
+    """The most bytes an image file of this size can hold (see MAX_BYTES_PER_PIXEL)."""
+    return size[0] * size[1] * MAX_BYTES_PER_PIXEL + FRAME_FILE_MARGIN
 
 
 def list_frame_files(folder: Path) -> list[Path]:
@@ -149,6 +271,28 @@ def zip_frame_names(names: Sequence[str], prefix: str = "") -> list[str]:
     )
 
 
+def _read_frame_file(
+    handle: BinaryIO, stored_size: int, name: str, expected: tuple[int, int] | None, max_pixels: int
+) -> tuple[bytes, tuple[int, int]]:
+    """The bytes of one image file and its declared size, checked before anything large is read:
+    the header's size against the clip's and the limit, the file's stored size (a zip member's
+    declared file_size, a file's st_size) against what such an image can hold, and the read itself
+    bounded, so a lying header cannot allocate more."""
+    size = image_header_size(handle, name)
+    check_frame_size(size, name, expected, max_pixels)
+    limit = frame_byte_limit(size)
+    if stored_size > limit:
+        raise ClipError(
+            "frame_too_large",
+            f"{name}: {stored_size:,} bytes, more than a {size[0]}x{size[1]} image holds ({limit:,})",
+        )
+    handle.seek(0)
+    data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ClipError("frame_too_large", f"{name}: holds more than the {limit:,} bytes it declared")
+    return data, size
+
+
 def _decode_image(data: bytes, name: str) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
@@ -162,23 +306,33 @@ def read_image_frames(
     stop: int | None = None,
     prefix: str = "",
     transform: FrameTransform | None = None,
+    size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_FRAME_PIXELS,
 ) -> np.ndarray:
     """Read frames [start, stop) of a folder of images or a zip of images, in name order.
 
     prefix: for a zip, the folder holding this clip's frames ("" = the top level).
-    transform: applied to each frame as it is read (see read_video_frames)."""
+    transform: applied to each frame as it is read (see read_video_frames).
+    size: the clip's (width, height); None = the first frame's. Each file's header is checked
+    against it and `max_pixels` before the file is read whole or decoded (ClipError)."""
     frames: list[np.ndarray] = []
 
-    def add(image: np.ndarray) -> None:
+    def add(handle: BinaryIO, stored_size: int, name: str) -> None:
+        nonlocal size
+        data, size = _read_frame_file(handle, stored_size, name, size, max_pixels)
+        image = _decode_image(data, name)
         frames.append(transform(image) if transform else image)
 
     if source.suffix == ".zip":
         with zipfile.ZipFile(source) as archive:
             for name in zip_frame_names(archive.namelist(), prefix)[start:stop]:
-                add(_decode_image(archive.read(name), f"{source}:{name}"))
+                info = archive.getinfo(name)
+                with archive.open(info) as handle:
+                    add(handle, info.file_size, f"{source}:{name}")
     else:
         for path in list_frame_files(source)[start:stop]:
-            add(_decode_image(path.read_bytes(), str(path)))
+            with path.open("rb") as handle:
+                add(handle, path.stat().st_size, str(path))
     if not frames:
         raise ValueError(f"{source}: no frames in range [{start}, {stop})")
     if stop is not None and len(frames) < stop - start:
@@ -186,21 +340,38 @@ def read_image_frames(
     return _stack(frames, str(source))
 
 
+def face_inside_fraction(box: Sequence[float], frame_width: int, frame_height: int) -> float:
+    """The part of a box's area that lies inside the frame."""
+    x0, y0, x1, y1 = box
+    inside_w = max(0.0, min(x1, frame_width) - max(x0, 0.0))
+    inside_h = max(0.0, min(y1, frame_height) - max(y0, 0.0))
+    return inside_w * inside_h / ((x1 - x0) * (y1 - y0))
+
+
 def square_crop_box(
     boxes: Sequence[Sequence[float]], frame_width: int, frame_height: int, scale: float
 ) -> tuple[int, int, int, int]:
     """A square (x0, y0, x1, y1) around the union of face boxes (x0, y0, x1, y1), grown by `scale`.
 
-    The square may extend past the frame; `crop_and_resize` pads with black there, so the face
-    keeps its place and aspect instead of being squeezed against the border.
+    The square may extend past the frame; `crop_and_resize` pads with black there, so a face near the
+    border keeps its place and aspect instead of being squeezed against it. Its side is at most the
+    frame's larger side. Raises ClipError (face_outside) when under half of the union lies inside the
+    frame: the crop would be mostly padding (and with it, the union's centre lies inside the frame).
     """
     arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(arr) == 0:
         raise ValueError("no face boxes to crop around")
     x0, y0 = arr[:, 0].min(), arr[:, 1].min()
     x1, y1 = arr[:, 2].max(), arr[:, 3].max()
-    if x1 <= x0 or y1 <= y0:
+    if not (x1 > x0 and y1 > y0):
         raise ValueError(f"degenerate face box union ({x0}, {y0}, {x1}, {y1})")
+    inside = face_inside_fraction((x0, y0, x1, y1), frame_width, frame_height)
+    if inside < 0.5:
+        raise ClipError(
+            "face_outside",
+            f"face box union ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies {1 - inside:.0%} outside the "
+            f"{frame_width}x{frame_height} frame",
+        )
     side = max(x1 - x0, y1 - y0) * scale
     side = min(side, max(frame_width, frame_height))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -217,13 +388,20 @@ def centre_square_box(frame_width: int, frame_height: int) -> tuple[int, int, in
 
 
 def crop_and_resize_frame(frame: np.ndarray, box: Sequence[int], resolution: int) -> np.ndarray:
-    """Crop one frame to `box` (padding with black outside the frame) and resize it to resolution²."""
+    """Crop one frame to `box` (padding with black outside the frame) and resize it to resolution².
+
+    Only the crop is padded, by what lies outside the frame; a box that misses the frame or is more
+    than twice its larger side (a crop no face box gives) is refused rather than allocated."""
     x0, y0, x1, y1 = (int(v) for v in box)
     height, width = frame.shape[:2]
-    pad = max(0, -x0, -y0, x1 - width, y1 - height)
-    if pad:
-        frame = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-    patch = frame[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if ix1 <= ix0 or iy1 <= iy0 or max(x1 - x0, y1 - y0) > 2 * max(width, height):
+        raise ValueError(f"crop box {(x0, y0, x1, y1)} is not a crop of the {width}x{height} frame")
+    patch = frame[iy0:iy1, ix0:ix1]
+    if (ix0, iy0, ix1, iy1) != (x0, y0, x1, y1):
+        padded = np.zeros((y1 - y0, x1 - x0, *frame.shape[2:]), frame.dtype)
+        padded[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = patch
+        patch = padded
     interpolation = cv2.INTER_AREA if x1 - x0 > resolution else cv2.INTER_LINEAR
     return cv2.resize(patch, (resolution, resolution), interpolation=interpolation)
 

@@ -28,11 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
 
 from pipeline.config import VfhqConfig
 from pipeline.sources.base import ClipFailure, ClipRecord, ScanResult, SourceError, resolve_under
-from pipeline.video import IMAGE_SUFFIXES, list_frame_files, zip_frame_names
+from pipeline.video import (
+    IMAGE_SUFFIXES,
+    MAX_FRAME_PIXELS,
+    image_header_size,
+    list_frame_files,
+    zip_frame_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -535,16 +540,30 @@ def _frame_names(source: FrameSource) -> list[str]:
     return [p.name for p in list_frame_files(source.path)]
 
 
-def _first_frame_size(source: FrameSource, names: list[str]) -> tuple[int, int]:
-    if source.kind == "zip":
-        with (
-            zipfile.ZipFile(source.path) as archive,
-            archive.open(names[0]) as handle,
-            Image.open(handle) as image,
-        ):
-            return image.size
-    with Image.open(source.path / names[0]) as image:
-        return image.size
+def _first_frame_size(
+    source: FrameSource, names: list[str], meta: VfhqMeta | None = None, max_pixels: int = MAX_FRAME_PIXELS
+) -> tuple[int, int]:
+    """The size the clip's first frame declares in its header (nothing is decoded). A frame is at most
+    the source frame its meta file describes (a cropped one is smaller) and at most `max_pixels`;
+    a larger one is refused as unreadable (an OSError: the scan makes it a failure row)."""
+    where = f"{source.path}:{names[0]}" if source.kind == "zip" else str(source.path / names[0])
+    try:
+        if source.kind == "zip":
+            with zipfile.ZipFile(source.path) as archive, archive.open(names[0]) as handle:
+                width, height = image_header_size(handle, where)
+        else:
+            with open(source.path / names[0], "rb") as handle:
+                width, height = image_header_size(handle, where)
+    except ValueError as exc:
+        raise OSError(str(exc)) from exc
+    declared = f"{where}: declares {width}x{height} ({width * height:,} pixels)"
+    if meta is not None and width * height > meta.width * meta.height:
+        raise OSError(f"{declared}, more than the {meta.width}x{meta.height} source frame of its meta file")
+    if width * height > max_pixels:
+        raise OSError(f"{declared}, over max_frame_pixels {max_pixels:,}")
+    if width <= 0 or height <= 0:
+        raise OSError(f"{declared}: an empty image")
+    return width, height
 
 
 def absolute_indices(names: list[str], start: int) -> list[int]:
@@ -616,7 +635,7 @@ def clip_record(name: str, meta: VfhqMeta, source: FrameSource, dataset: str, hi
         )
     if count < len(names):
         log.info("%s: %d of %d frames have meta rows and are used", name, count, len(names))
-    size = _first_frame_size(source, names[first:])
+    size = _first_frame_size(source, names[first:], meta)
     boxes = [meta.boxes[i] for i in indices[first : first + count]]
     return ClipRecord(
         clip_id=name,
