@@ -523,7 +523,7 @@ class Decode:
             try:
                 sample = decode_sample(raw, self.config, rng)
             except SampleSkipped as exc:
-                self.stats.failed(exc.reason, str(exc))
+                self.stats.failed(exc.reason, f"{raw.get('__url__')}: {exc}")
                 continue
             except Exception as exc:  # a broken sample must not stop training
                 self.stats.failed("bad_samples", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
@@ -648,7 +648,7 @@ def fixed_batch(config: DataConfig, count: int, seed: int = 0, allow_fewer: bool
         try:
             samples.append(decode_sample(raw, config, rng))
         except SampleSkipped as exc:
-            stats.failed(exc.reason, str(exc))
+            stats.failed(exc.reason, f"{raw.get('__url__')}: {exc}")
             continue
         except Exception as exc:  # the same samples count as broken here as in the stream
             stats.failed("bad_samples", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
