@@ -125,11 +125,16 @@ def good_members(key: str, frames: int = FRAMES) -> dict[str, bytes]:
 EXPECTED = {
     "video_size": ("real.mp4 is 640x640, its json says 64x64", "bad_samples"),
     "video_frames": ("real.mp4 declares 30 frames, its json says 40", "bad_samples"),
+    "swap_size": ("swap.mp4 is 640x640, its json says 64x64", "bad_samples"),
     "mask_gib_of_bits": ("face.npz: bits.npy is uint8 (1073741824,)", "bad_samples"),
     "mask_huge_shape": ("fg.npz: mask declares [40, 65536, 65536], expected [40, 64, 64]", "bad_samples"),
     "zip_declared_size": ("fg.npz: bits.npy declares 4294967040 bytes", "bad_samples"),
     "gaze_huge_shape": ("gaze.npy: gaze declares float32 [1000000000, 2]", "bad_samples"),
-    "json_resolution": ("its json says resolution 65536", "bad_samples"),
+    "json_resolution": (
+        "its json says resolution 65536, expected 1..2048 (data.max_sample_resolution)",
+        "bad_samples",
+    ),
+    "json_frames": ("its json says 1000000 frames, expected 1..4096 (data.max_sample_frames)", "bad_samples"),
     "no_fg_mask": ("no fg.npz", "missing_member"),
     "short": ("10 frames", "too_short"),
 }
@@ -142,6 +147,8 @@ def hostile_samples() -> dict[str, dict[str, bytes]]:
     samples = {key: good_members(key) for key in EXPECTED}
     samples["video_size"][contract.REAL] = mp4(640, FRAMES)
     samples["video_frames"][contract.REAL] = mp4(SIZE, 30)
+    samples["swap_size"][contract.SWAP] = mp4(640, FRAMES)
+    samples["swap_size"][contract.META] = meta("swap_size", bucket="swap", annotations=["swap"])
     samples["mask_gib_of_bits"][contract.FACE_MASK] = bomb_npz(
         (FRAMES, SIZE, SIZE), npy_header((GIB,), "|u1"), GIB
     )
@@ -153,6 +160,7 @@ def hostile_samples() -> dict[str, dict[str, bytes]]:
     )
     samples["gaze_huge_shape"][contract.GAZE] = npy_header((10**9, 2), "<f4") + bytes(8)
     samples["json_resolution"][contract.META] = meta("json_resolution", resolution=1 << 16)
+    samples["json_frames"][contract.META] = meta("json_frames", num_frames=10**6, frame_stop=10**6)
     del samples["no_fg_mask"][contract.FG_MASK]
     samples["short"] = good_members("short", frames=10)
     samples["good"] = good_members("good")
@@ -266,3 +274,9 @@ def test_shuffle_buffer_zero_reads_in_shard_order(samples: dict, tmp_path: Path)
     config = DataConfig(**{**CONFIG, "shards": str(folder), "steps_per_epoch": 3})
     batches = list(make_loader(config, seed=0, epoch=0, rank=0, world_size=1))
     assert [b["key"][0] for b in batches] == keys
+
+
+@pytest.mark.parametrize("name", ["max_sample_resolution", "max_sample_frames"])
+def test_sample_limits_must_be_positive(name: str) -> None:
+    with pytest.raises(ValueError, match=f"data.{name}: expected >= 1"):
+        DataConfig(**{name: 0})
