@@ -24,9 +24,10 @@ import dataclasses
 import io
 import json
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -125,22 +126,128 @@ def required_members(meta: SampleMeta) -> set[str]:
     return members
 
 
-def decode_mask_frames(data: bytes, indices: Sequence[int]) -> np.ndarray:
-    """bool (len(indices), H, W): only the asked frames of a face.npz / fg.npz member are unpacked.
+class MemberMismatch(ValueError):
+    """A member whose header disagrees with its sample's json or with itself, found before its data is read."""
 
-    The bits are one flat packbits array of the [T,H,W] mask, so frame t is bits [t*H*W, (t+1)*H*W).
+
+MASK_BITS, MASK_SHAPE = "bits.npy", "shape.npy"  # the arrays inside a face.npz / fg.npz
+SMALL_ARRAY_BYTES = 4096  # a .npy of a few numbers (a mask's shape) is far smaller
+GAZE_DTYPE = np.dtype("<f4")
+
+
+def read_npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header; leaves `handle` at the array's first byte. Reads no data."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        raise MemberMismatch(f".npy format version {version}, expected 1.0 or 2.0")
+    if fortran or dtype.hasobject:
+        raise MemberMismatch(f".npy array of dtype {dtype} (fortran order {fortran}), expected plain C order")
+    return tuple(int(v) for v in shape), dtype
+
+
+def _zip_member(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
+    try:
+        return archive.getinfo(name)
+    except KeyError:
+        raise MemberMismatch(f"no {name} in the npz (holds {archive.namelist()})") from None
+
+
+def _mask_shape(archive: zipfile.ZipFile) -> tuple[int, int, int]:
+    """The [T,H,W] a mask npz declares, read from its small shape array after checking its declared size."""
+    info = _zip_member(archive, MASK_SHAPE)
+    if info.file_size > SMALL_ARRAY_BYTES:
+        raise MemberMismatch(
+            f"{MASK_SHAPE} declares {info.file_size} bytes, expected under {SMALL_ARRAY_BYTES}"
+        )
+    with archive.open(info) as handle:
+        shape, dtype = read_npy_header(handle)
+        if shape != (3,) or dtype.kind not in "iu":
+            raise MemberMismatch(f"{MASK_SHAPE} is {dtype} {shape}, expected 3 integers [T,H,W]")
+        values = np.frombuffer(handle.read(3 * dtype.itemsize), dtype)
+    if len(values) != 3 or (values < 1).any():
+        raise MemberMismatch(f"{MASK_SHAPE} holds {values.tolist()}, expected 3 positive integers [T,H,W]")
+    num_frames, height, width = (int(v) for v in values)
+    return num_frames, height, width
+
+
+def _open_mask_bits(archive: zipfile.ZipFile, shape: tuple[int, int, int]) -> IO[bytes]:
+    """The bits array of a [T,H,W] mask, opened at its first byte once its .npy header and the zip's
+    declared size both say exactly ceil(T*H*W / 8) bytes: the data is never read past that."""
+    num_frames, height, width = shape
+    expected = (num_frames * height * width + 7) // 8
+    info = _zip_member(archive, MASK_BITS)
+    handle = archive.open(info)
+    try:
+        bits_shape, dtype = read_npy_header(handle)
+        if bits_shape != (expected,) or dtype != np.uint8:
+            raise MemberMismatch(
+                f"{MASK_BITS} is {dtype} {bits_shape}, a {list(shape)} mask packs into uint8 ({expected},)"
+            )
+        if info.file_size != handle.tell() + expected:
+            raise MemberMismatch(
+                f"{MASK_BITS} declares {info.file_size} bytes, its header and {expected} bytes of bits "
+                f"make {handle.tell() + expected}"
+            )
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def check_mask_header(data: bytes, expected_shape: Sequence[int]) -> None:
+    """Raise MemberMismatch unless a face.npz / fg.npz declares `expected_shape` [T,H,W] and exactly
+    the bytes that shape packs into. Reads the headers only: a bomb is refused before it is inflated."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        shape = _mask_shape(archive)
+        if shape != tuple(int(v) for v in expected_shape):
+            raise MemberMismatch(f"mask declares {list(shape)}, expected {list(expected_shape)}")
+        _open_mask_bits(archive, shape).close()
+
+
+def decode_mask_frames(data: bytes, indices: Sequence[int]) -> np.ndarray:
+    """bool (len(indices), H, W): only the asked frames of a face.npz / fg.npz member are inflated.
+
+    The bits are one flat packbits array of the [T,H,W] mask, so frame t is bits [t*H*W, (t+1)*H*W);
+    the member is read as a stream up to the last asked frame, so memory stays that of the frames asked.
     """
-    with np.load(io.BytesIO(data)) as npz:
-        num_frames, height, width = (int(v) for v in npz["shape"])
-        bits = npz["bits"]
-    frame_bits = height * width
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        shape = _mask_shape(archive)
+        num_frames, height, width = shape
+        for t in indices:
+            if not 0 <= int(t) < num_frames:
+                raise ValueError(f"mask frame {int(t)} outside a mask of {num_frames} frames")
+        frame_bits = height * width
+        frames: dict[int, np.ndarray] = {}
+        with _open_mask_bits(archive, shape) as handle:
+            start = handle.tell()
+            for t in sorted({int(t) for t in indices}):  # forward only: a zip member inflates as a stream
+                first, stop = t * frame_bits, (t + 1) * frame_bits
+                handle.seek(start + first // 8)
+                size = (stop + 7) // 8 - first // 8
+                chunk = handle.read(size)
+                if len(chunk) != size:
+                    raise MemberMismatch(f"{MASK_BITS} ends inside frame {t} of a {list(shape)} mask")
+                offset = first % 8
+                bits = np.unpackbits(np.frombuffer(chunk, np.uint8))[offset : offset + frame_bits]
+                frames[t] = bits.astype(bool).reshape(height, width)
     out = np.empty((len(indices), height, width), bool)
     for row, t in enumerate(indices):
-        t = int(t)
-        if not 0 <= t < num_frames:
-            raise ValueError(f"mask frame {t} outside a mask of {num_frames} frames")
-        first, stop = t * frame_bits, (t + 1) * frame_bits
-        chunk = np.unpackbits(bits[first // 8 : (stop + 7) // 8])
-        offset = first % 8
-        out[row] = chunk[offset : offset + frame_bits].astype(bool).reshape(height, width)
+        out[row] = frames[int(t)]
     return out
+
+
+def check_gaze_header(data: bytes, num_frames: int) -> None:
+    """Raise MemberMismatch unless a gaze.npy declares float32 [num_frames, 2] and holds exactly that."""
+    handle = io.BytesIO(data)
+    shape, dtype = read_npy_header(handle)
+    if shape != (num_frames, 2) or dtype != GAZE_DTYPE:
+        raise MemberMismatch(f"gaze declares {dtype} {list(shape)}, expected float32 [{num_frames}, 2]")
+    if len(data) != handle.tell() + num_frames * 2 * GAZE_DTYPE.itemsize:
+        raise MemberMismatch(
+            f"gaze holds {len(data)} bytes, a float32 [{num_frames}, 2] array takes "
+            f"{handle.tell() + num_frames * 2 * GAZE_DTYPE.itemsize}"
+        )

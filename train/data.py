@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import io
 import json
 import logging
 import random
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 import torch
@@ -30,10 +32,14 @@ from pipeline import storage
 from pipeline.contract import (
     FACE_MASK,
     FG_MASK,
+    GAZE,
     META,
     REAL,
     VIDEO_MEMBER_OF_BUCKET,
+    MemberMismatch,
     SampleMeta,
+    check_gaze_header,
+    check_mask_header,
     decode_mask_frames,
 )
 from pipeline.video import IndexedVideo
@@ -65,15 +71,20 @@ class DataConfig:
     resolution: int = 512  # frames are resized to this when the shards hold another size
     batch_size: int = 1  # per Ray Train worker
     num_workers: int = 4  # DataLoader processes per Ray Train worker (0 = in-process)
-    shuffle_buffer: int = 32  # raw (undecoded) samples
+    shuffle_buffer: int = 32  # raw (undecoded) samples; 0 = no shuffling
     steps_per_epoch: int = 1000  # every rank yields exactly this many batches per data epoch
     scale_jitter: list[float] = field(default_factory=lambda: [0.8, 1.0])  # driving size jitter range
     aspect_jitter: list[float] = field(default_factory=lambda: [0.85, 1.15])  # width/height factor range
     min_reference_luma: float = 5.0  # the authors drop dark frames; a darker reference is redrawn
     log_every: int = 100  # log the first and every Nth bad sample of each kind
+    # A shard is untrusted input: a sample whose json claims more is skipped before anything is decoded
+    # (2048² x 17 decoded frames is ~200 MB; the builder writes 512² segments of at most 240 frames).
+    max_sample_resolution: int = 2048
+    max_sample_frames: int = 4096
 
     def __post_init__(self) -> None:
         positive = ("num_frames", "stride", "resolution", "batch_size", "steps_per_epoch", "log_every")
+        positive += ("max_sample_resolution", "max_sample_frames")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
@@ -116,9 +127,19 @@ class NoShards(FileNotFoundError):
 _warned_unsplit: set[str] = set()
 
 
+class BadStats(ValueError):
+    """A shard's stats marker that is not a json object (truncated, or not written by a shard builder)."""
+
+
 def shard_split(stats_path: str | Path) -> str:
     """The split a shard holds, from its stats marker; shards written before splits existed count as train."""
-    split = json.loads(storage.read_bytes(stats_path)).get("split")
+    try:
+        stats = json.loads(storage.read_bytes(stats_path))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise BadStats(f"{stats_path}: not json ({exc})") from exc
+    if not isinstance(stats, dict):
+        raise BadStats(f"{stats_path}: a json {type(stats).__name__}, expected an object")
+    split = stats.get("split")
     if split is None:
         folder = storage.parent_of(str(stats_path))
         if folder not in _warned_unsplit:  # once per folder
@@ -161,12 +182,29 @@ def list_shards(config: DataConfig) -> list[str]:
         raise FileNotFoundError(
             f"no committed shards in {location}: found {len(tars)} .tar files, none with a {STATS_SUFFIX} marker"
         )
-    splits = {p: shard_split(markers[p]) for p in committed}
-    chosen = [p for p in committed if splits[p] == config.split]
+    splits = _readable_splits(committed, markers)
+    chosen = [p for p in committed if splits.get(p) == config.split]
     if not chosen:
         found = sorted(set(splits.values()))
-        raise NoShards(f"no {config.split!r} shards in {location}: its {len(committed)} shards hold {found}")
+        unreadable = len(committed) - len(splits)
+        raise NoShards(
+            f"no {config.split!r} shards in {location}: its {len(committed)} shards hold {found}"
+            + (f", {unreadable} with an unreadable {STATS_SUFFIX} (see the warnings)" if unreadable else "")
+        )
     return chosen
+
+
+def _readable_splits(tars: list[str], markers: dict[str, str]) -> dict[str, str]:
+    """{tar: split} of the shards whose stats marker reads; one warning names each shard left out."""
+    splits = {}
+    for tar in tars:
+        try:
+            splits[tar] = shard_split(markers[tar])
+        except BadStats as exc:
+            log.warning(
+                "shard %s left out: its stats marker is unreadable: %s. Rebuild that shard.", tar, exc
+            )
+    return splits
 
 
 def open_shards(
@@ -221,11 +259,67 @@ def _bright_reference(
     return index, frame
 
 
+def _check_claims(meta: SampleMeta, key: str, config: DataConfig) -> None:
+    """The json's own size claims, against the config's limits: nothing is decoded beyond them."""
+    if not 1 <= meta.resolution <= config.max_sample_resolution:
+        raise SampleSkipped(
+            "bad_samples",
+            f"{key}: its json says resolution {meta.resolution}, expected 1..{config.max_sample_resolution} "
+            "(data.max_sample_resolution)",
+        )
+    if not 1 <= meta.num_frames <= config.max_sample_frames:
+        raise SampleSkipped(
+            "bad_samples",
+            f"{key}: its json says {meta.num_frames} frames, expected 1..{config.max_sample_frames} "
+            "(data.max_sample_frames)",
+        )
+
+
+def _check_video_header(data: bytes, member: str, meta: SampleMeta, key: str) -> None:
+    """A video's declared size and frame count (container header, no frame decoded) against the json."""
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise SampleSkipped("bad_samples", f"{key}: {member} holds no video stream")
+        stream = container.streams.video[0]
+        size = (stream.codec_context.width, stream.codec_context.height)
+        frames = stream.frames  # 0 where the container does not say (the packets are counted later)
+    expected = (meta.resolution, meta.resolution)
+    if size != expected:
+        raise SampleSkipped(
+            "bad_samples",
+            f"{key}: {member} is {size[0]}x{size[1]}, its json says {expected[0]}x{expected[1]}",
+        )
+    if frames and frames != meta.num_frames:
+        raise SampleSkipped(
+            "bad_samples", f"{key}: {member} declares {frames} frames, its json says {meta.num_frames}"
+        )
+
+
+def _check_headers(raw: dict[str, Any], members: list[str], meta: SampleMeta, key: str) -> None:
+    """Every member's declared sizes against the json, before any large allocation."""
+    for member in dict.fromkeys(members):
+        if member.endswith(".mp4"):
+            _check_video_header(raw[member], member, meta, key)
+    shape = (meta.num_frames, meta.resolution, meta.resolution)
+    checks: list[tuple[str, Callable[[bytes], None]]] = [
+        (FACE_MASK, lambda data: check_mask_header(data, shape)),
+        (FG_MASK, lambda data: check_mask_header(data, shape)),
+    ]
+    if GAZE in raw:  # optional: only samples the gaze stage ran on carry it
+        checks.append((GAZE, lambda data: check_gaze_header(data, meta.num_frames)))
+    for member, check in checks:
+        try:
+            check(raw[member])
+        except MemberMismatch as exc:
+            raise SampleSkipped("bad_samples", f"{key}: {member}: {exc}") from exc
+
+
 def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -> dict[str, Any]:
     """One raw shard sample -> target, reference, driving and background mask at config.resolution.
 
-    Raises SampleSkipped for a clip shorter than the frames asked for or a member missing; any other
-    error means a broken sample, which the stream counts as bad.
+    Raises SampleSkipped for a clip shorter than the frames asked for, a member missing, or a member
+    whose header disagrees with the json or claims more than the config's limits (checked before any
+    frame is decoded or mask inflated); any other error means a broken sample, which the stream counts as bad.
     """
     key = str(raw.get("__key__", "?"))
     if META not in raw:
@@ -234,15 +328,18 @@ def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -
     if meta.bucket not in VIDEO_MEMBER_OF_BUCKET:
         raise ValueError(f"{key}: bucket {meta.bucket!r}, expected one of {sorted(VIDEO_MEMBER_OF_BUCKET)}")
     driving_member = VIDEO_MEMBER_OF_BUCKET[meta.bucket]
-    missing = [m for m in dict.fromkeys((REAL, driving_member, FACE_MASK, FG_MASK)) if m not in raw]
+    needed = [REAL, driving_member, FACE_MASK, FG_MASK]
+    missing = [m for m in dict.fromkeys(needed) if m not in raw]
     if missing:
         raise SampleSkipped("missing_member", f"{key} ({meta.bucket}): no {', '.join(missing)}")
+    _check_claims(meta, key, config)
     length = meta.num_frames
     if length < config.span:
         raise SampleSkipped(
             "too_short",
             f"{key}: {length} frames, {config.num_frames} frames at stride {config.stride} need {config.span}",
         )
+    _check_headers(raw, needed, meta, key)
 
     start = rng.randint(0, length - config.span)
     indices = [start + config.stride * k for k in range(config.num_frames)]
@@ -397,6 +494,9 @@ class Shuffle:
         self.size, self.seed, self.epoch, self.rank = size, seed, epoch, rank
 
     def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self.size == 0:  # no shuffling: shard order
+            yield from source
+            return
         rng = _stream_rng("shuffle", self.seed, self.epoch, self.rank)
         buffer: list[dict[str, Any]] = []
         for sample in source:
@@ -423,7 +523,7 @@ class Decode:
             try:
                 sample = decode_sample(raw, self.config, rng)
             except SampleSkipped as exc:
-                self.stats.failed(exc.reason, str(exc))
+                self.stats.failed(exc.reason, f"{raw.get('__url__')}: {exc}")
                 continue
             except Exception as exc:  # a broken sample must not stop training
                 self.stats.failed("bad_samples", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
@@ -548,7 +648,7 @@ def fixed_batch(config: DataConfig, count: int, seed: int = 0, allow_fewer: bool
         try:
             samples.append(decode_sample(raw, config, rng))
         except SampleSkipped as exc:
-            stats.failed(exc.reason, str(exc))
+            stats.failed(exc.reason, f"{raw.get('__url__')}: {exc}")
             continue
         except Exception as exc:  # the same samples count as broken here as in the stream
             stats.failed("bad_samples", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
