@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -214,3 +215,17 @@ def test_select_killed_at_any_step_leaves_a_complete_subset_and_a_rerun_cleans_u
         run_select(out, threshold=300.0, score="authors", min_frames=1)
         assert reader_view(out) == new and leftovers(out) == [], f"killed at step {step}"
     assert step >= 4, "the switch has at least three steps to kill at"
+
+
+def test_a_subset_in_the_earlier_real_folder_layout_is_replaced_by_the_link(tmp_path: Path) -> None:
+    fake_shard_set(tmp_path, [float(i) for i in range(40)])
+    old = run_select(tmp_path, min_frames=1)[0].keys
+    # The layout before versions: OUT/gaze a real folder.
+    real = tmp_path / "gaze"
+    shutil.copytree(real.resolve(), tmp_path / "copied")
+    real.unlink()
+    shutil.rmtree(tmp_path / "gaze.versions")
+    (tmp_path / "copied").rename(real)
+    assert reader_view(tmp_path) == old and not real.is_symlink()
+    new = run_select(tmp_path, threshold=300.0, score="authors", min_frames=1)[0].keys
+    assert (tmp_path / "gaze").is_symlink() and reader_view(tmp_path) == new and leftovers(tmp_path) == []
