@@ -17,18 +17,38 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
-from pipeline.build import RecipeMismatch, run_build
+from pipeline.build import DiskFull, RecipeMismatch, run_build
 from pipeline.config import DATASETS, load_build_config
 from pipeline.sources.base import SourceError
 from pipeline.visibility import NotShared
+from pipeline.writer import DISK_FULL_ERRNOS
 
 log = logging.getLogger("pipeline")
 
+# Exit codes, distinct so a scheduler or script can tell a bad input from a crash from a full disk.
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_CRASH, EXIT_DISK_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES = """exit codes:
+  0    done
+  1    build: it finished, but more clips failed than max_failure_fraction allows (OUT/failures.parquet);
+       weights fetch / check: a file could not be fetched or is missing or wrong
+  2    usage, configuration or input error: the message names the file or setting to fix
+  3    unexpected error (a bug): the traceback is printed, then one line naming the error and where
+  4    the output's disk or quota is full: the message names the path and the free space; free space
+       and rerun the same command (finished shards are kept)
+  130  interrupted (Ctrl-C, SIGINT); rerun the same command to resume
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description=__doc__,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build (or resume building) a shard set")
     build.add_argument("--dataset", choices=DATASETS, default="demo")
@@ -193,25 +213,60 @@ def _weights(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to resume (committed shards are kept)")
+        return EXIT_INTERRUPTED
+    except DiskFull as exc:
+        log.error("%s", exc)
+        return EXIT_DISK_FULL
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            return _crashed(exc)
+        log.error("%s", DiskFull.from_error(exc, getattr(args, "out", "") or getattr(args, "dir", "")))
+        return EXIT_DISK_FULL
+    except Exception as exc:  # noqa: BLE001 - a crash gets its own exit code and one clear line
+        return _crashed(exc)
+
+
+def _crashed(exc: BaseException) -> int:
+    """Log the traceback, then one line naming the error and the line it came from."""
+    log.critical("unexpected error; traceback:\n%s", "".join(traceback.format_exception(exc)).rstrip())
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown"
+    log.critical(
+        "unexpected error (exit %d): %s: %s at %s; the traceback is above. This is a bug: please report it "
+        "with the command you ran",
+        EXIT_CRASH, type(exc).__name__, exc, where,
+    )  # fmt: skip
+    return EXIT_CRASH
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "weights":
         try:
             return _weights(args)
         except (ValueError, FileNotFoundError) as exc:
             log.error("%s", exc)
-            return 2
+            return EXIT_USAGE
     if args.command in ("select", "stats", "report"):
         handler = {"select": _select, "stats": _stats, "report": _report}[args.command]
         try:
             return handler(args)
         except (ValueError, FileNotFoundError) as exc:
             log.error("%s", exc)
-            return 2
+            return EXIT_USAGE
+    return _build(args)
+
+
+def _build(args: argparse.Namespace) -> int:
     try:
         config = load_build_config(args.dataset, args.config, args.overrides, root=args.root, out=args.out)
         summary = run_build(config, overwrite=args.overwrite, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError, SourceError, RecipeMismatch, NotShared) as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_USAGE
     for line in summary.lines():
         log.info("summary: %s", line)
     if summary.failure_fraction > config.max_failure_fraction:
@@ -221,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             100 * config.max_failure_fraction,
             config.out,
         )
-        return 1
-    return 0
+        return EXIT_FAILURES
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -43,7 +43,12 @@ from pipeline.writer import (
     atomic_write_parquet,
     committed_keys,
     committed_names,
+    errno_name,
+    format_bytes,
+    free_bytes,
+    is_disk_full,
     merge_index,
+    read_json,
     read_stats,
     remove_uncommitted,
     write_failures,
@@ -61,6 +66,34 @@ RECIPE_FIELDS = (
 
 class RecipeMismatch(RuntimeError):
     pass
+
+
+class DiskFull(RuntimeError):
+    """The output's disk (or quota) is full: the build stopped short; a rerun after freeing space finishes it."""
+
+    def __init__(self, path: str, cause: str, not_written: int = 0, failures_saved: bool | None = None):
+        self.path, self.cause = path, cause
+        self.not_written, self.failures_saved = not_written, failures_saved
+        super().__init__(self.line())
+
+    @classmethod
+    def from_error(cls, exc: OSError, fallback_path: str) -> DiskFull:
+        return cls(str(exc.filename or fallback_path), errno_name(exc))
+
+    def line(self) -> str:
+        """One line: which path, how much is free there, what to do."""
+        free = format_bytes(free_bytes(self.path))
+        text = f"disk full: could not write {self.path} ({self.cause}, {free} free on that filesystem)"
+        if self.not_written:
+            text += f"; {self.not_written} samples not written"
+        if self.failures_saved is True:
+            text += " (listed in failures.parquet)"
+        elif self.failures_saved is False:
+            text += "; failures.parquet could not be written either"
+        return text + (
+            ". Free space there (or give --out a disk with room) and rerun the same command: committed "
+            "shards are kept and only the missing samples are built"
+        )
 
 
 @dataclass
@@ -98,7 +131,8 @@ def _check_recipe(out: str, config: BuildConfig) -> None:
     path = storage.join(out, "build.json")
     if not storage.is_file(path):
         return
-    previous = json.loads(storage.read_bytes(path)).get("recipe", {})
+    fix = "delete it (it only records the recipe and the last run) or use --overwrite to start over"
+    previous = read_json(path, fix).get("recipe", {})
     wanted = _recipe(config)
     changed = {k: (previous.get(k), wanted[k]) for k in wanted if previous.get(k) != wanted[k]}
     if changed and committed_names(storage.join(out, "shards")):
@@ -112,8 +146,10 @@ def _check_recipe(out: str, config: BuildConfig) -> None:
 
 
 def _clear_outputs(out: str) -> None:
+    from pipeline.select import remove_subset
+
     storage.delete_tree(storage.join(out, "shards"))
-    storage.delete_tree(storage.join(out, "gaze"))  # a subset of the old shards: stale once they go
+    remove_subset(out)  # a subset of the old shards: stale once they go
     for name in ("index.parquet", "failures.parquet", "manifest.parquet", "identities.parquet", "build.json"):
         storage.delete(storage.join(out, name))
 
@@ -250,8 +286,7 @@ def _build_locked(
         if any(stage.name == "swap" for stage in config.stages):
             stage_context["bank_path"] = str(_identity_bank(manifest, config, out, weights_dir))
         failures += _run_dag(todo, config, shards_dir, progress, fence, stage_context)
-    index = merge_index(out, shards_dir)
-    failure_frame = write_failures(out, failures)
+    index, failure_frame = _finish_outputs(out, shards_dir, failures)
     stats = read_stats(shards_dir)
     new_stats = [s for s in stats if s["shard"] not in stats_before]
     clips_in = len(scan.records) + len(scan.failures)
@@ -275,6 +310,40 @@ def _build_locked(
         raise RuntimeError(f"index has {len(index)} rows but the committed shards hold {held} samples")
     _write_build_json(out, config, summary)
     return summary
+
+
+def _finish_outputs(
+    out: str, shards_dir: str, failures: list[dict[str, str]]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """index.parquet, then failures.parquet. A full disk does not stop the failures from being saved
+    (where they fit): DiskFull is raised after, saying what was lost and what to do."""
+    full = _disk_full_in(failures, shards_dir)
+    index = pd.DataFrame()
+    try:
+        index = merge_index(out, shards_dir)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        full = full or DiskFull.from_error(exc, out)
+    try:
+        failure_frame = write_failures(out, failures)
+        saved = True
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        full, saved = full or DiskFull.from_error(exc, out), False
+    if full:
+        not_written = sum(f["stage"] == "write" and f["error"] == full.cause for f in failures)
+        raise DiskFull(full.path, full.cause, not_written, failures_saved=saved)
+    return index, failure_frame
+
+
+def _disk_full_in(failures: list[dict[str, str]], shards_dir: str) -> DiskFull | None:
+    """A DiskFull when the writer could not write samples for lack of space."""
+    for failure in failures:
+        if failure["stage"] == "write" and failure["error"] in ("ENOSPC", "EDQUOT"):
+            return DiskFull(shards_dir, failure["error"])
+    return None
 
 
 def _run_dag(

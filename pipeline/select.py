@@ -4,9 +4,12 @@
     OUT/gaze/index.parquet
     OUT/gaze/select.json   score, rule, threshold, counts, selected keys (written last)
 
-Members are copied byte for byte from the main shards (no video is decoded). In a local folder the
-subset is built in a temp folder beside OUT/gaze and renamed into place, so a reader sees the old subset
-or the new one, never half of one. An object store has no rename: there select.json is deleted first,
+Members are copied byte for byte from the main shards (no video is decoded). In a local folder OUT/gaze
+is a symbolic link to OUT/gaze.versions/<version>: a new subset is written to a fresh version folder and
+the link is replaced in one rename, so at every instant (a SIGKILL included) a reader of OUT/gaze sees
+the old subset or the new one, never half of one. The next run deletes unreferenced versions and temp
+links. (A real OUT/gaze folder from before is swapped for the link in place, atomically where the
+kernel supports it.) An object store has no rename: there select.json is deleted first,
 the new shards are committed (each behind its stats marker, as in the build), the old ones deleted,
 and select.json written last: while it is missing the subset is being replaced. A rerun that would
 select the same samples from the same shards writes nothing.
@@ -14,6 +17,9 @@ select the same samples from the same shards writes nothing.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +27,10 @@ import math
 import os
 import shutil
 import tarfile
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +40,25 @@ import pandas as pd
 import yaml
 
 from pipeline import storage
-from pipeline.writer import atomic_write_bytes, merge_index, read_stats, write_shard, writer_row
+from pipeline.writer import (
+    atomic_write_bytes,
+    merge_index,
+    read_json,
+    read_parquet,
+    read_stats,
+    write_shard,
+    writer_row,
+)
 
 log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = {"robust": "gaze_robust_spread_deg", "authors": "gaze_authors"}
 DEFAULT_TOP = 0.05  # the paper's stage 2: the top 5 % of clips by gaze movement
 SUBSET_DIR = "gaze"
+VERSIONS_DIR = f"{SUBSET_DIR}.versions"  # OUT/gaze links to one of its folders
+LOCK_NAME = ".lock"  # inside VERSIONS_DIR
 SPLIT = "train"
+REBUILD_INDEX = "rerun the build with the same command: it rewrites index.parquet and build.json"
 STAGE2_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "stage2.yaml"
 
 
@@ -101,7 +121,7 @@ def _fingerprint(shards_dir: str) -> str:
 def _samples_per_shard(out: str) -> int:
     build_json = storage.join(out, "build.json")
     if storage.is_file(build_json):
-        return int(json.loads(storage.read_bytes(build_json)).get("config", {}).get("samples_per_shard", 4))
+        return int(read_json(build_json, REBUILD_INDEX).get("config", {}).get("samples_per_shard", 4))
     return 4
 
 
@@ -139,7 +159,7 @@ def run_select(
     index_path = storage.join(out, "index.parquet")
     if not storage.is_file(index_path):
         raise FileNotFoundError(f"no {index_path}: build the shards first")
-    index = storage.read_parquet(index_path)
+    index = read_parquet(index_path, REBUILD_INDEX)
     min_frames = stage2_span() if min_frames is None else int(min_frames)
     in_split = index["split"] == SPLIT if "split" in index.columns else pd.Series(True, index=index.index)
     long_enough = index["num_frames"] >= min_frames if len(index) else in_split
@@ -165,6 +185,9 @@ def run_select(
         keys=keys,
     )
     final = storage.join(out, SUBSET_DIR)
+    if not storage.is_remote(out):
+        with _select_lock(Path(out)):
+            clean_leftovers(Path(out))  # a killed select's temp link or old version, even when up to date
     previous = read_selection(out)
     if previous is not None and _same(previous, asdict(selection)):
         log.info("gaze subset in %s is up to date (%d samples): nothing to write", final, len(keys))
@@ -180,12 +203,7 @@ def run_select(
         storage.delete(storage.join(final, "select.json"))  # the subset is being replaced
         _write_subset(out, final, index, keys, selection)
     else:
-        tmp = Path(out) / f".{SUBSET_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            _write_subset(out, str(tmp), index, keys, selection)
-            _swap_in(tmp, Path(final))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish_local(Path(out), index, keys, selection)
     log.info(
         "gaze subset: %d of %d eligible %s samples (%s %s, threshold %.4g); not eligible: %d shorter than "
         "%d frames, %d in other splits",
@@ -224,15 +242,107 @@ def _write_subset(out: str, target: str, index: pd.DataFrame, keys: list[str], s
     atomic_write_bytes(storage.join(target, "select.json"), json.dumps(data, indent=1).encode())
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename the finished subset over the old one (the old one is moved aside first, then deleted)."""
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def _publish_local(out: Path, index: pd.DataFrame, keys: list[str], selection: Selection) -> None:
+    """Write the subset to a fresh version folder, then point OUT/gaze at it in one rename."""
+    with _select_lock(out):
+        clean_leftovers(out)
+        version = out / VERSIONS_DIR / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        _write_subset(str(out), str(version), index, keys, selection)
+        _point_at(out / SUBSET_DIR, version)
+        clean_leftovers(out)
+
+
+@contextmanager
+def _select_lock(out: Path) -> Iterator[None]:
+    """One select at a time per output folder: a second would clean up the first one's version."""
+    out_versions(out).mkdir(parents=True, exist_ok=True)
+    with open(out_versions(out) / LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RuntimeError(f"another select is writing {out / SUBSET_DIR}") from exc
+        yield
+
+
+def _point_at(link: Path, version: Path) -> None:
+    """Make `link` a relative symlink to `version`, atomically: a new link under a temp name renamed
+    over the old one. A real folder there (the layout before versions) is exchanged for the link."""
+    tmp = link.with_name(f".{link.name}.link-{uuid.uuid4().hex[:8]}")
+    os.symlink(os.path.relpath(version, link.parent), tmp)
+    if link.is_symlink() or not link.exists():
+        os.replace(tmp, link)
+        return
+    if _exchange(tmp, link):  # tmp now names the old folder
+        shutil.rmtree(tmp)
+        return
+    # No atomic exchange here (an older kernel, NFS): the old folder becomes a version first. A kill
+    # between these two renames leaves no OUT/gaze until the next select, which points it again.
+    os.rename(link, out_versions(link.parent) / "00000000T000000-before")  # sorts before any new one
+    os.replace(tmp, link)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def out_versions(out: Path) -> Path:
+    return out / VERSIONS_DIR
+
+
+def clean_leftovers(out: Path) -> list[str]:
+    """Delete what a killed or finished select left: temp links, versions OUT/gaze does not point at,
+    and the temp / old folders of the layout before versions. A missing OUT/gaze (a kill inside the
+    non-atomic fallback) is pointed at the newest complete version first."""
+    link = out / SUBSET_DIR
+    versions = out_versions(out)
+    if not link.exists() and not link.is_symlink():
+        complete = sorted(p for p in versions.glob("*") if (p / "select.json").is_file())
+        if complete:
+            _point_at(link, complete[-1])
+    current = link.resolve() if link.is_symlink() else None
+    removed = []
+    for path in [*out.glob(f".{SUBSET_DIR}.*"), *versions.glob("*")]:
+        if path.name == LOCK_NAME or (path.resolve() == current and not path.is_symlink()):
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+        removed.append(path.name)
+    if removed:
+        log.info("removed %d leftover(s) of an earlier select: %s", len(removed), ", ".join(sorted(removed)))
+    return removed
+
+
+def remove_subset(out: Path | str) -> None:
+    """Delete the gaze subset: the link, every version and any leftover (an object store: the prefix)."""
+    if storage.is_remote(out):
+        storage.delete_tree(storage.join(out, SUBSET_DIR))
+        return
+    out = Path(out)
+    link = out / SUBSET_DIR
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    shutil.rmtree(out_versions(out), ignore_errors=True)
+    for path in out.glob(f".{SUBSET_DIR}.*"):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
 
 
 def read_selection(out: Path | str) -> dict[str, Any] | None:
     path = storage.join(out, SUBSET_DIR, "select.json")
-    return json.loads(storage.read_bytes(path)) if storage.is_file(path) else None
+    return read_json(path, "run select again: it rewrites the subset") if storage.is_file(path) else None

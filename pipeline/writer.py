@@ -9,12 +9,15 @@ deletes everything else in the shard folder, and skips the samples the committed
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +39,89 @@ MASK_FIELDS = {"face_mask": contract.FACE_MASK, "fg_mask": contract.FG_MASK}
 Location = str | Path  # a local path or a URI (s3://bucket/prefix/...): see pipeline/storage.py
 
 
+# Errors that mean "no room left": the fix is freeing space, not changing the input.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def errno_name(exc: OSError) -> str:
+    """ENOSPC, EIO, ...: the cause as a failure row's `error`."""
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
+def free_bytes(location: Location) -> int | None:
+    """Free bytes on the local filesystem holding `location` (its nearest existing parent); None on an
+    object store or when it cannot be told."""
+    if storage.is_remote(location):
+        return None
+    path = Path(location).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "unknown"
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def write_error_message(exc: OSError) -> str:
+    """What could not be written and why; for a full disk, how much room is left there."""
+    path = exc.filename or "the output"
+    message = f"could not write {path}: {exc.strerror or exc}"
+    if is_disk_full(exc):
+        message += f" ({format_bytes(free_bytes(path))} free on that filesystem)"
+    return message
+
+
+@contextmanager
+def writing(path: Location) -> Iterator[None]:
+    """Name `path` in an OSError raised inside (a failed write() or fsync() carries no file name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
 def atomic_write_bytes(path: Location, data: bytes) -> None:
     """Locally: a temp file beside `path`, fsynced, renamed over it; on an object store: one PUT."""
-    storage.put_bytes(path, data)
+    with writing(path):
+        storage.put_bytes(path, data)
 
 
 def atomic_write_parquet(path: Location, frame: pd.DataFrame) -> None:
-    storage.put_parquet(path, frame)
+    with writing(path):
+        storage.put_parquet(path, frame)
+
+
+def read_json(path: Location, fix: str = "") -> Any:
+    """A JSON file; a damaged one is a ValueError that names it (and says `fix`)."""
+    try:
+        return json.loads(storage.read_bytes(path))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({exc}){fix and '; ' + fix}") from exc
+
+
+def read_parquet(path: Location, fix: str = "") -> pd.DataFrame:
+    """A Parquet file; a damaged one is a ValueError that names it (and says `fix`)."""
+    try:
+        return storage.read_parquet(path)
+    except ValueError as exc:  # pyarrow's ArrowInvalid: bad magic bytes, truncated footer
+        raise ValueError(f"{path} is not a readable Parquet file ({exc}){fix and '; ' + fix}") from exc
 
 
 def _json_field(row: Row, name: str, default: Any) -> Any:
@@ -184,12 +263,32 @@ def write_shard(rows: list[Row], shards_dir: Location, fence: tuple[str, str] | 
     splits = {split_of(row) for row in good}
     if len(splits) > 1:
         raise ValueError(f"a shard holds one split; these rows are {sorted(splits)}")
-    started = time.perf_counter()
     name = shard_name(str(row["key"]) for row in good)
+    try:
+        _commit_shard(rows, good, name, splits.pop(), shards_dir, fence)
+    except OSError:
+        # Free what this shard took (a full disk) and leave no uncommitted part behind.
+        for suffix in (".tar", INDEX_SUFFIX):
+            with suppress(OSError):
+                storage.delete(storage.join(shards_dir, f"{name}{suffix}"))
+        raise
+    return name
+
+
+def _commit_shard(
+    rows: list[Row],
+    good: list[Row],
+    name: str,
+    split: str,
+    shards_dir: Location,
+    fence: tuple[str, str] | None,
+) -> None:
+    """Tar, then index part, then the stats marker: each published atomically, the marker last."""
+    started = time.perf_counter()
     final = storage.join(shards_dir, f"{name}.tar")
     index_part = storage.join(shards_dir, f"{name}{INDEX_SUFFIX}")
     index_rows, member_bytes = [], Counter()
-    with storage.staged_file(final, suffix=".tar") as tmp:
+    with writing(final), storage.staged_file(final, suffix=".tar") as tmp:
         with open(tmp, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=TAR_MTIME) as tar:
             for row in good:
                 members = {m: bytes(row[m]) for m in contract.ALL_MEMBERS if len(row[m])}
@@ -209,7 +308,7 @@ def write_shard(rows: list[Row], shards_dir: Location, fence: tuple[str, str] | 
         "shard": f"{name}.tar",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pipeline_version": contract.PIPELINE_VERSION,
-        contract.SPLIT_FIELD: splits.pop(),
+        contract.SPLIT_FIELD: split,
         "samples": len(good),
         "keys": sorted(str(row["key"]) for row in good),
         "frames": sum(int(row["num_frames"]) for row in good),
@@ -226,7 +325,13 @@ def write_shard(rows: list[Row], shards_dir: Location, fence: tuple[str, str] | 
     atomic_write_bytes(
         storage.join(shards_dir, f"{name}{STATS_SUFFIX}"), json.dumps(stats, indent=1).encode()
     )
-    return name
+
+
+def mark_write_failed(rows: list[Row], exc: OSError) -> None:
+    """The healthy rows of a shard that could not be written become failures of stage `write`."""
+    for row in rows:
+        if not is_failed(row):
+            row.update(error_stage="write", error=errno_name(exc), message=write_error_message(exc))
 
 
 def write_shard_batch(
@@ -238,7 +343,12 @@ def write_shard_batch(
     shard_of_split = {}
     for split in sorted({split_of(row) for row in rows}):
         group = [row for row in rows if split_of(row) == split]
-        shard_of_split[split] = write_shard(group, shards_dir, fence) or ""
+        try:
+            shard_of_split[split] = write_shard(group, shards_dir, fence) or ""
+        except OSError as exc:  # a full disk, a lost mount: the samples fail with the real cause
+            log.error("%s", write_error_message(exc))
+            mark_write_failed(group, exc)
+            shard_of_split[split] = ""
     failed = [is_failed(row) for row in rows]
     shards = [shard_of_split[split_of(row)] for row in rows]
     return {
@@ -252,6 +362,10 @@ def write_shard_batch(
     }
 
 
+# A damaged marker or index part: without its marker the shard is uncommitted, and a build redoes it.
+REBUILD_SHARD = "delete that shard's .stats.json and rerun the build: the shard is built again"
+
+
 def committed_names(shards_dir: Location) -> list[str]:
     """Names (shard-<hash>) of the committed shards: those whose stats marker exists."""
     names = storage.list_names(shards_dir)
@@ -261,7 +375,7 @@ def committed_names(shards_dir: Location) -> list[str]:
 def read_stats(shards_dir: Location) -> list[dict[str, Any]]:
     """Stats of every committed shard."""
     return [
-        json.loads(storage.read_bytes(storage.join(shards_dir, f"{name}{STATS_SUFFIX}")))
+        read_json(storage.join(shards_dir, f"{name}{STATS_SUFFIX}"), REBUILD_SHARD)
         for name in committed_names(shards_dir)
     ]
 
@@ -285,7 +399,9 @@ def remove_uncommitted(shards_dir: Location) -> list[str]:
 def merge_index(out: Location, shards_dir: Location) -> pd.DataFrame:
     """index.parquet = the index parts of every committed shard, ordered by key."""
     parts = [
-        storage.read_parquet(storage.join(shards_dir, f"{stats['shard'][: -len('.tar')]}{INDEX_SUFFIX}"))
+        read_parquet(
+            storage.join(shards_dir, f"{stats['shard'][: -len('.tar')]}{INDEX_SUFFIX}"), REBUILD_SHARD
+        )
         for stats in read_stats(shards_dir)
     ]
     index = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
