@@ -5,9 +5,11 @@ Everything here works on uint8 RGB arrays shaped (T, H, W, 3) so stages never se
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -323,16 +325,35 @@ def read_image_frames(
         image = _decode_image(data, name)
         frames.append(transform(image) if transform else image)
 
+    def read_one(open_file: Callable[[], BinaryIO], stored_size: Callable[[], int], name: str) -> None:
+        # A damaged file (a looping link, a bad CRC, a member zipfile cannot inflate) fails the clip
+        # with the file named; the transform's own errors (face checks) keep their codes.
+        try:
+            handle = open_file()
+        except (OSError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as exc:
+            raise ClipError("unreadable_frames", f"{name}: {exc}") from exc
+        with handle:
+            try:
+                add(handle, stored_size(), name)
+            except ClipError:
+                raise
+            except (OSError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
+                raise ClipError("unreadable_frames", f"{name}: {exc}") from exc
+            except ValueError as exc:
+                raise ClipError("bad_frame", str(exc) if name in str(exc) else f"{name}: {exc}") from exc
+
     if source.suffix == ".zip":
         with zipfile.ZipFile(source) as archive:
             for name in zip_frame_names(archive.namelist(), prefix)[start:stop]:
                 info = archive.getinfo(name)
-                with archive.open(info) as handle:
-                    add(handle, info.file_size, f"{source}:{name}")
+                read_one(
+                    functools.partial(archive.open, info),
+                    lambda info=info: info.file_size,
+                    f"{source}:{name}",
+                )
     else:
         for path in list_frame_files(source)[start:stop]:
-            with path.open("rb") as handle:
-                add(handle, path.stat().st_size, str(path))
+            read_one(functools.partial(path.open, "rb"), lambda path=path: path.stat().st_size, str(path))
     if not frames:
         raise ValueError(f"{source}: no frames in range [{start}, {stop})")
     if stop is not None and len(frames) < stop - start:
