@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import shutil
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -23,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import webdataset as wds
 
 from pipeline import contract, storage
 from pipeline.contract import SampleMeta
@@ -230,6 +231,18 @@ def _index_row(meta: SampleMeta, shard: str, sizes: dict[str, int]) -> dict[str,
     return row
 
 
+def _add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
+    """One sample as WebDataset lays it out: `<key>.<member>` entries in member-name order, with the
+    fixed mtime, mode and owner webdataset's TarWriter gives them (so tars are reproducible). Written
+    with tarfile itself: webdataset imports torch, which every write task would then load."""
+    for member in sorted(members):
+        data = members[member]
+        info = tarfile.TarInfo(f"{key}.{member}")
+        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+        info.uname = info.gname = "bigdata"
+        tar.addfile(info, io.BytesIO(data))
+
+
 class StaleRun(RuntimeError):
     """A newer build owns the output folder: this (orphaned) writer must not commit."""
 
@@ -289,10 +302,10 @@ def _commit_shard(
     index_part = storage.join(shards_dir, f"{name}{INDEX_SUFFIX}")
     index_rows, member_bytes = [], Counter()
     with writing(final), storage.staged_file(final, suffix=".tar") as tmp:
-        with open(tmp, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=TAR_MTIME) as tar:
+        with open(tmp, "wb") as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
             for row in good:
                 members = {m: bytes(row[m]) for m in contract.ALL_MEMBERS if len(row[m])}
-                tar.write({"__key__": str(row["key"]), **members})
+                _add_sample(tar, str(row["key"]), members)
                 sizes = {m: len(v) for m, v in members.items()}
                 member_bytes.update(sizes)
                 meta = SampleMeta.from_json_bytes(members[contract.META])
