@@ -141,7 +141,12 @@ def _identity_bank(manifest: pd.DataFrame, config: BuildConfig, out: str, weight
     bank_path = storage.join(out, "identities.parquet")
     device = swap.options.get("device", "auto")
     # A Ray Data pass on an actor pool with the swap stage's resources (the same models on the same devices).
-    pool = BankPool(size=swap.pool_size, num_cpus=swap.num_cpus, num_gpus=swap.num_gpus)
+    pool = BankPool(
+        size=swap.pool_size,
+        num_cpus=swap.num_cpus,
+        num_gpus=swap.num_gpus,
+        resource_wait_s=config.resource_wait_s,
+    )
     init_ray(config.num_cpus)
     build_identity_bank(
         manifest, config.resolution, config.crop_scale, weights_dir, bank_path, device=device, pool=pool
