@@ -30,7 +30,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0
-STOP_GRACE_S = 15.0  # a clean ray.shutdown in the launcher; then its session is killed
+STOP_GRACE_S = 5.0  # for a clean ray.shutdown in the launcher; then what is left of its session is killed
 
 
 def state_dir() -> Path:
@@ -46,6 +46,7 @@ class Head:
 
 
 _head: Head | None = None
+_stop_registered = False
 
 
 def _started(pid: int) -> float | None:
@@ -59,9 +60,9 @@ def _started(pid: int) -> float | None:
         return None
 
 
-def _same_process(pid: int, started: float) -> bool:
+def _same_process(pid: int, started: float | None) -> bool:
     now = _started(pid)
-    return now is not None and abs(now - started) < 1.0
+    return now is not None and started is not None and abs(now - started) < 1.0
 
 
 def session_members(session: int) -> list:
@@ -156,14 +157,14 @@ def start_head(num_cpus: int | None) -> str:
     """Start (or reuse) this driver's local Ray head; returns its GCS address."""
     import atexit
 
-    global _head
+    global _head, _stop_registered
     if _head is not None and _head.process.poll() is None:
         return _head.gcs
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True)
     reap_dead_builds()
     _token_auth_as_ray_init_would()
-    command = [sys.executable, "-m", "pipeline.ray_head"]
+    command = [sys.executable, "-m", "pipeline.ray_head", "--driver", str(os.getpid())]
     if num_cpus is not None:
         command += ["--num-cpus", str(num_cpus)]
     stamp = f"{os.getpid()}-{time.time_ns()}"
@@ -179,8 +180,10 @@ def start_head(num_cpus: int | None) -> str:
         )
     state = folder / f"{stamp}.json"
     head = Head(process, "", state)
+    if _head is None and not _stop_registered:
+        atexit.register(stop_head)
+        _stop_registered = True
     _head = head
-    atexit.register(stop_head)
     try:
         head.gcs = _wait_for_address(process, state, log_path)
     except BaseException:
@@ -213,11 +216,11 @@ def stop_head() -> None:
     head.state.with_suffix(".log").unlink(missing_ok=True)
 
 
-def _record(state: Path, gcs: str) -> None:
-    """The state file, atomically: the driver (our parent) and this session, with start times."""
-    me, parent = os.getpid(), os.getppid()
+def _record(state: Path, driver: int, gcs: str) -> None:
+    """The state file, atomically: the driver and this session, with start times."""
+    me = os.getpid()
     record = {
-        "driver": {"pid": parent, "started": _started(parent)},
+        "driver": {"pid": driver, "started": _started(driver)},
         "session": {"pid": me, "started": _started(me)},
         "gcs": gcs,
     }
@@ -226,12 +229,12 @@ def _record(state: Path, gcs: str) -> None:
     os.replace(temp, state)
 
 
-def _serve(num_cpus: int | None, state: Path) -> None:
+def _serve(num_cpus: int | None, state: Path, driver: int) -> None:
     """The launcher: Ray up, the address recorded, then wait for the driver to go."""
     import ray
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # ray's atexit hook then shuts it down
-    _record(state, "")  # before Ray starts: a driver killed now still leaves a record of this session
+    _record(state, driver, "")  # before Ray starts: a driver killed now still leaves a record of this session
     ray.init(
         address="local",  # never join a head that `ray start` once recorded in /tmp/ray
         num_cpus=num_cpus,
@@ -239,8 +242,7 @@ def _serve(num_cpus: int | None, state: Path) -> None:
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
     )
-    _record(state, ray.get_runtime_context().gcs_address)
-    driver = os.getppid()
+    _record(state, driver, ray.get_runtime_context().gcs_address)
     while os.getppid() == driver:  # reparented: the driver is gone even if a child holds the pipe
         if select.select([sys.stdin], [], [], 5.0)[0] and not sys.stdin.buffer.read1(1024):
             break  # EOF: the driver exited, or closed the pipe to stop this head
@@ -253,5 +255,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the local Ray head of one build driver")
     parser.add_argument("--num-cpus", type=int)
     parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--driver", type=int, required=True, help="the build driver's pid")
     args = parser.parse_args()
-    _serve(args.num_cpus, args.state)
+    _serve(args.num_cpus, args.state, args.driver)
