@@ -134,7 +134,7 @@ def prepare_stage_weights(config: BuildConfig) -> Path | None:
 def _identity_bank(manifest: pd.DataFrame, config: BuildConfig, out: str, weights_dir: Path | None) -> str:
     """identities.parquet from the whole manifest (not only what is left), so a resumed run draws
     swap sources from the same bank."""
-    from pipeline.dag import init_ray
+    from pipeline.dag import check_resources, init_ray
     from pipeline.identity_bank import BankPool, build_identity_bank
 
     (swap,) = [stage for stage in config.stages if stage.name == "swap"]
@@ -148,6 +148,7 @@ def _identity_bank(manifest: pd.DataFrame, config: BuildConfig, out: str, weight
         resource_wait_s=config.resource_wait_s,
     )
     init_ray(config.num_cpus)
+    check_resources(config)  # the DAG that follows, before the bank's work: a shortfall stops both
     build_identity_bank(
         manifest, config.resolution, config.crop_scale, weights_dir, bank_path, device=device, pool=pool
     )

@@ -250,3 +250,13 @@ def test_a_killed_driver_takes_its_ray_with_it(tmp_path: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             driver.kill()
         driver.wait(timeout=30)
+
+
+def test_the_dag_is_checked_before_the_identity_bank_does_its_work(tmp_path: Path) -> None:
+    """The bank pass fits, the DAG after it does not: the build stops before embedding anything."""
+    stages = "stages=[{name: swap, num_cpus: 0.5}, {name: gaze, num_gpus: 0.5, options: {input_size: 224}}]"
+    result, seconds = _build(tmp_path, stages, env=_env())
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "the DAG" in result.stderr and "GPU: need 0.5, cluster has 0" in result.stderr
+    assert not (tmp_path / "out" / "identities.parquet").exists()
+    assert seconds < 60
