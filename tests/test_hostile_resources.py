@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,14 +110,39 @@ def test_a_stage_asking_for_gpus_on_a_machine_without_any_exits_2_within_a_minut
     assert "GPU: need 0.5, cluster has 0" in error[0] and "num_gpus: 0" in error[0]
 
 
-def test_the_identity_bank_pass_asking_for_gpus_exits_2_within_a_minute(tmp_path: Path) -> None:
-    """The swap stage's bank pass runs before the DAG: it is checked on its own."""
+def test_a_swap_stage_asking_for_gpus_exits_2_before_the_identity_bank_starts(tmp_path: Path) -> None:
+    """The swap stage's bank pass runs before the DAG and asks for the swap stage's GPUs."""
     result, seconds = _build(tmp_path, GPU_SWAP, env=_env())
     assert result.returncode == 2, result.stderr[-3000:]
     assert seconds < 60
-    assert "identity-bank pass (stage swap" in result.stderr
-    assert "GPU: need 0.15, cluster has 0" in result.stderr
+    assert "swap (0.15 x 1)" in result.stderr and "GPU: need 0.15, cluster has 0" in result.stderr
     assert not (tmp_path / "out" / "identities.parquet").exists()
+
+
+def test_the_identity_bank_pass_itself_is_checked_on_a_real_ray(tmp_path: Path, monkeypatch) -> None:
+    """build_identity_bank on a pool that asks for a GPU, on a local Ray without any: an error at once."""
+    import ray
+    from swap_helpers import make_manifest
+
+    from pipeline.dag import init_ray
+    from pipeline.identity_bank import build_identity_bank
+    from pipeline.ray_head import stop_head
+    from pipeline.stages.face_swap import ARCFACE, INSWAPPER, SCRFD
+    from pipeline.weights import ensure_tiny_weights
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    weights = ensure_tiny_weights(tmp_path / "weights", [SCRFD, ARCFACE, INSWAPPER])
+    manifest = make_manifest(tmp_path / "clips", [dict(clip_id="a0", identity=0, num_frames=6)])
+    assert not ray.is_initialized()
+    init_ray(1)
+    try:
+        pool = BankPool(num_cpus=0.5, num_gpus=0.15)
+        with pytest.raises(ResourceShortfall, match="identity-bank pass.*GPU: need 0.15, cluster has 0"):
+            build_identity_bank(manifest, 128, 1.8, weights, tmp_path / "identities.parquet", pool=pool)
+    finally:
+        stop_head()
+    assert not (tmp_path / "identities.parquet").exists()
 
 
 def _free_port() -> int:
@@ -166,6 +192,7 @@ def cpu_only_head() -> Iterator[dict[str, str]]:
         yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
         _kill_session(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_on_a_cluster_a_shortfall_waits_resource_wait_s_then_exits_2(tmp_path: Path) -> None:
@@ -224,12 +251,14 @@ def test_a_rerun_kills_what_a_killed_build_left_and_completes(tmp_path: Path) ->
         with contextlib.suppress(ProcessLookupError):
             driver.kill()
         driver.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
 def test_a_killed_driver_takes_its_ray_with_it(tmp_path: Path) -> None:
     """SIGKILL the driver alone once Ray is up: no process it started outlives it by more than a minute."""
-    env = _env(RAY_TMPDIR=tempfile.mkdtemp(prefix="rk", dir="/tmp"))
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    env = _env(RAY_TMPDIR=ray_tmp)
     command = [PYTHON, "-m", "pipeline", "build", "--no-progress", "--dataset", "demo"]
     command += ["--root", str(tmp_path / "demo"), "--out", str(tmp_path / "out"), *SMALL_DEMO, "stages=[]"]
     driver = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
@@ -250,6 +279,7 @@ def test_a_killed_driver_takes_its_ray_with_it(tmp_path: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             driver.kill()
         driver.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_the_dag_is_checked_before_the_identity_bank_does_its_work(tmp_path: Path) -> None:
