@@ -171,15 +171,21 @@ def prepare_stage_weights(config: BuildConfig) -> Path | None:
 def _identity_bank(manifest: pd.DataFrame, config: BuildConfig, out: str, weights_dir: Path | None) -> str:
     """identities.parquet from the whole manifest (not only what is left), so a resumed run draws
     swap sources from the same bank."""
-    from pipeline.dag import init_ray
+    from pipeline.dag import check_resources, init_ray
     from pipeline.identity_bank import BankPool, build_identity_bank
 
     (swap,) = [stage for stage in config.stages if stage.name == "swap"]
     bank_path = storage.join(out, "identities.parquet")
     device = swap.options.get("device", "auto")
     # A Ray Data pass on an actor pool with the swap stage's resources (the same models on the same devices).
-    pool = BankPool(size=swap.pool_size, num_cpus=swap.num_cpus, num_gpus=swap.num_gpus)
+    pool = BankPool(
+        size=swap.pool_size,
+        num_cpus=swap.num_cpus,
+        num_gpus=swap.num_gpus,
+        resource_wait_s=config.resource_wait_s,
+    )
     init_ray(config.num_cpus)
+    check_resources(config)  # the DAG that follows, before the bank's work: a shortfall stops both
     build_identity_bank(
         manifest, config.resolution, config.crop_scale, weights_dir, bank_path, device=device, pool=pool
     )

@@ -105,6 +105,9 @@ class BuildConfig:
     max_failure_fraction: float = 0.1  # above it the run exits non-zero (its shards stay committed)
     num_cpus: int | None = None  # local Ray only; None = every core
     task_num_cpus: float = 1.0  # CPUs each decode / encode / write task reserves
+    # On a cluster (RAY_ADDRESS): seconds a Ray pass waits for the CPUs / GPUs it asks for to appear (an
+    # autoscaler adding nodes) before it stops with an error. Locally a shortfall is an error at once.
+    resource_wait_s: float = 600.0
     profile: str = "full"  # full: real weights under weights_dir / $WEIGHTS_DIR; tiny: random, generated
     weights_dir: str | None = None  # tiny: defaults to ~/.cache/megactor/tiny_weights
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -134,6 +137,8 @@ class BuildConfig:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         if self.task_num_cpus <= 0:
             raise ValueError(f"task_num_cpus must be > 0, got {self.task_num_cpus}")
+        if self.resource_wait_s < 0:
+            raise ValueError(f"resource_wait_s must be >= 0, got {self.resource_wait_s}")
         if self.profile not in ("tiny", "full"):
             raise ValueError(f"profile must be 'tiny' or 'full', got {self.profile!r}")
         if self.splits.val < 0 or self.splits.test < 0 or self.splits.val + self.splits.test >= 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline.config import BuildConfig, StageConfig
+from pipeline.resources import Demand, require
 from pipeline.rows import guarded
 from pipeline.segment import decode_segment
 from pipeline.stages.base import StageChain, get_stage
@@ -33,20 +35,18 @@ log = logging.getLogger(__name__)
 def init_ray(num_cpus: int | None, log_to_driver: bool = False) -> None:
     """Join RAY_ADDRESS's cluster (or the job's), else start a private local Ray on loopback.
 
+    The local Ray runs in a session of its own that this process owns (pipeline/ray_head.py): it stops
+    when this process exits, however it exits, and a later build kills what a killed one left.
     log_to_driver: show the workers' output here (the trainer's rank-0 log and progress bar).
     """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
-    else:
-        ray.init(
-            address="local",  # never join a head that `ray start` once recorded in /tmp/ray
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=log_to_driver,
-        )
+        return
+    from pipeline.ray_head import start_head
+
+    ray.init(address=start_head(num_cpus), _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
 
 
 def _decode_step(config: BuildConfig):
@@ -132,24 +132,53 @@ def plan_pools(config: BuildConfig) -> list[Pool]:
     return [*pools, _chain(common)] if common else pools
 
 
-def check_resources(config: BuildConfig, available: dict[str, float]) -> None:
-    """The actor pools must leave room for at least one CPU task, or Ray Data waits forever."""
+def _gpu_fix(stages: list[StageConfig], need: float) -> str:
+    asking = ", ".join(f"{s.name} ({s.num_gpus:g} x {s.pool_size})" for s in stages if s.num_gpus > 0)
+    return (
+        f"run where {need:g} GPUs are, or set num_gpus: 0 for the stages that ask for GPUs ({asking}) in a "
+        "--config overlay or a stages=[...] override (the list is replaced whole; the models then run on CPU)"
+    )
+
+
+def _cpu_fix(need: float, what: str) -> str:
+    if os.environ.get("RAY_ADDRESS"):
+        return f"add CPU nodes, or lower {what}"
+    # Local Ray's CPU count is a reservation, not a core count: a larger one fits (and shares the cores).
+    return f"num_cpus={math.ceil(need)} (local Ray's CPU count), or lower {what}"
+
+
+def dag_demand(config: BuildConfig) -> Demand:
+    """The DAG's reservation: every actor pool of plan_pools at full size plus one CPU task, or Ray Data
+    waits for a task slot forever."""
     pools = plan_pools(config)
-    need = {
-        "CPU": sum(p.num_cpus * p.size for p in pools) + config.task_num_cpus,
-        "GPU": sum(p.num_gpus * p.size for p in pools),
+    total = {
+        "CPU": round(sum(p.num_cpus * p.size for p in pools) + config.task_num_cpus, 6),
+        "GPU": round(sum(p.num_gpus * p.size for p in pools), 6),
     }
-    short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0) + 1e-9}
-    if short:
-        details = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
-        message = (
-            f"the stages' actor pools plus one task need more than the cluster offers ({details}); "
-            "lower the stages' num_cpus / num_gpus / pool_size or task_num_cpus"
-        )
-        if os.environ.get("RAY_ADDRESS"):
-            log.warning("%s (an autoscaling cluster may still grow)", message)
-        else:
-            raise ValueError(message)
+    largest = {
+        "CPU": max((p.num_cpus for p in pools), default=0.0),
+        "GPU": max((p.num_gpus for p in pools), default=0.0),
+    }
+    described = "; ".join(f"{p.name}: {p.size} x ({p.num_cpus:g} CPU + {p.num_gpus:g} GPU)" for p in pools)
+    lower = "the stages' num_cpus / pool_size or task_num_cpus"
+    return Demand(
+        what=f"the DAG (actor pools {described or 'none'}; tasks {config.task_num_cpus:g} CPU)",
+        total=total,
+        per_actor=largest,
+        fixes={"CPU": _cpu_fix(total["CPU"], lower), "GPU": _gpu_fix(config.stages, total["GPU"])},
+    )
+
+
+def check_resources(
+    config: BuildConfig, available: dict[str, float] | list[dict[str, float]] | None = None
+) -> None:
+    """The DAG's actor pools plus one task must fit the cluster (pipeline/resources.py: an error locally,
+    a bounded wait on a cluster). `available`: one node's or each node's resources; None reads Ray's."""
+    if available is None:
+        require(dag_demand(config), config.resource_wait_s)
+        return
+    nodes = [available] if isinstance(available, dict) else available
+    require(dag_demand(config), config.resource_wait_s, nodes=lambda: nodes)
 
 
 def stage_kwargs(stage_cls: type, options: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +235,7 @@ def build_dataset(
     ray.data.DataContext.get_current().max_errored_blocks = max(1, len(rows))
     # One block per segment: the writer bundles `samples_per_shard` of them into each task.
     ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows)))
-    check_resources(config, ray.cluster_resources())
+    check_resources(config)
     task_cpus = config.task_num_cpus
     ds = ds.map(_decode_step(config), num_cpus=task_cpus)
     ds = annotate(ds, config, stage_context or {})

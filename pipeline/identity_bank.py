@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ from pipeline.faces import (
     weight_paths,
     weights_id,
 )
+from pipeline.resources import Demand, require
 from pipeline.segment import decode_segment
 from pipeline.writer import atomic_write_parquet
 
@@ -178,6 +180,24 @@ class BankPool:
     num_gpus: float = 0.0
     batch_size: int = 8  # identities per actor call
     max_task_retries: int = 2
+    stage: str = "swap"  # whose resources these are, for the messages
+    resource_wait_s: float = 600.0  # on a cluster: how long to wait for them (BuildConfig.resource_wait_s)
+
+    def demand(self) -> Demand:
+        """The pass's reservation, checked before it starts (pipeline/resources.py)."""
+        keys = f"the {self.stage} stage's num_cpus / num_gpus / pool_size"
+        total = {"CPU": round(self.num_cpus * self.size, 6), "GPU": round(self.num_gpus * self.size, 6)}
+        return Demand(
+            what=f"the identity-bank pass (stage {self.stage}: {self.size} x ({self.num_cpus:g} CPU + "
+            f"{self.num_gpus:g} GPU))",
+            total=total,
+            per_actor={"CPU": self.num_cpus, "GPU": self.num_gpus},
+            fixes={
+                "CPU": f"lower {keys}, or num_cpus={math.ceil(total['CPU'])} (local Ray's CPU count)",
+                "GPU": f"run where {total['GPU']:g} GPUs are, or set num_gpus: 0 for the {self.stage} stage in "
+                "a --config overlay or a stages=[...] override (the list is replaced whole)",
+            },
+        )
 
 
 class IdentityEmbedder:
@@ -223,6 +243,7 @@ def _embed_on_ray(jobs: list[tuple[str, pd.DataFrame]], embedder: dict, pool: Ba
     import ray
     from ray.data import ActorPoolStrategy
 
+    require(pool.demand(), pool.resource_wait_s)
     items = [{"identity": identity, "segments": pickle.dumps(segments)} for identity, segments in jobs]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pool.batch_size)))
     embedded = dataset.map_batches(

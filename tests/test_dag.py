@@ -23,10 +23,14 @@ def test_actor_pools_that_leave_no_room_for_tasks_are_refused(monkeypatch: pytes
         check_resources(gpu, {"CPU": 8.0})
 
 
-def test_on_a_cluster_a_shortfall_only_warns(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def test_on_a_cluster_a_shortfall_warns_then_errors_after_resource_wait_s(
+    monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    check_resources(BuildConfig(stages=[StageConfig("swap", num_gpus=4)]), {"CPU": 8.0})
-    assert "autoscaling cluster may still grow" in caplog.text
+    config = BuildConfig(stages=[StageConfig("swap", num_gpus=4)], resource_wait_s=0.2)
+    with pytest.raises(ValueError, match="GPU: need 4, cluster has 0.*Waited 0.2 s"):
+        check_resources(config, {"CPU": 8.0})
+    assert "waiting up to 0.2 s (resource_wait_s)" in caplog.text
 
 
 def test_stage_kwargs_pass_only_the_context_a_stage_accepts() -> None:
