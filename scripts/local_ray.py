@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,18 @@ from pathlib import Path
 DEFAULT_TEMP_DIR = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")  # Ray's own default
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _ray_executable() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
@@ -32,6 +45,16 @@ def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
+        return False
+    return True
+
+
+def _dashboard_answers(dashboard: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).close()
+    except urllib.error.HTTPError:
+        return True  # it answers (401 until a client sends Ray's auth token): it is up
+    except OSError:
         return False
     return True
 
@@ -49,6 +72,10 @@ def up(state: Path, port: int, dashboard_port: int, num_cpus: int | None, temp_d
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--disable-usage-stats",
     ]  # fmt: skip
+    # The job agent serves `ray job submit`; the dashboard answers before it does, and a submit that
+    # finds no agent within Ray's 10 s fails. Its port is chosen here so `up` can wait for it.
+    agent_port = _free_port()
+    command += ["--dashboard-agent-listen-port", str(agent_port)]
     if num_cpus is not None:
         command += ["--num-cpus", str(num_cpus)]
     if temp_dir:
@@ -72,15 +99,11 @@ def up(state: Path, port: int, dashboard_port: int, num_cpus: int | None, temp_d
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"ray start exited with {process.returncode}; see {state / 'head.log'}")
-        try:
-            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).close()
+        if _dashboard_answers(dashboard) and _listening(agent_port):
             return dashboard
-        except urllib.error.HTTPError:
-            return dashboard  # it answers (401 until a client sends Ray's auth token): it is up
-        except OSError:
-            time.sleep(1)
+        time.sleep(1)
     down(state)
-    raise TimeoutError(f"the Ray dashboard at {dashboard} did not answer within 120 s")
+    raise TimeoutError(f"the Ray dashboard at {dashboard} or its job agent did not answer within 120 s")
 
 
 def down(state: Path) -> None:

@@ -88,8 +88,8 @@ CELEBVHQ_CASES: dict[str, tuple[int, str, str]] = {
     "bbox_outside": (10, "bbox-out_0", "bbox-out"),
     "ytb_id_dotdot": (21, "../x_0", "../x"),
 }
-ROTATED_CLIP = "rot-phone_0"  # item 11: stored landscape, display matrix -90 degrees, bbox as displayed
-VFR_CLIP = "vfr-cam_0"  # item 12: uneven timestamps, some gaps under 1/avg fps
+ROTATED_CLIP = "rot-phone_0"  # stored landscape, display matrix -90 degrees, bbox as displayed
+VFR_CLIP = "vfr-cam_0"  # uneven timestamps, some gaps under 1/avg fps
 
 
 @dataclass(frozen=True)

@@ -85,9 +85,12 @@ OVERRIDES = [
     "stages=[]", "num_cpus=2",
 ]  # fmt: skip
 # Mean absolute difference (grey levels) allowed between the hostile and the clean build's decoded
-# frames where the bytes differ: VFHQ builds are byte-identical, CelebV-HQ raw-video builds of identical
-# files differ by ~0.1; the rotated and variable-frame-rate clips are stored differently in the clean root.
-GOOD_TOL, JITTER_TOL = 1.0, 4.0
+# frames where the bytes differ. VFHQ builds are byte-identical; libx264 as PyAV 18.1 ships it is not:
+# the first encode in a process after a decode gives other bytes for the same frames in ~1 of 8 runs
+# (measured: up to 1.4 grey levels on a frame), so CelebV-HQ builds of identical files can differ. A frame
+# off by one index differs by ~9-13 here. The rotated and variable-frame-rate clips are stored
+# differently in the clean root.
+GOOD_TOL, JITTER_TOL = 3.0, 4.0
 JITTERED = {ROTATED_CLIP, VFR_CLIP}
 
 
@@ -240,7 +243,7 @@ def test_every_damaged_clip_has_an_informative_failure_row(request, dataset: str
     if rows.empty:  # a reader that renames an unsafe clip id still has to say which one it was
         rows = failures[failures["message"].str.contains(bad.clip_id, regex=False)]
     assert not rows.empty, (
-        f"{case} (item {bad.item}): no failure row for {bad.clip_id}; expected error "
+        f"{case}: no failure row for {bad.clip_id}; expected error "
         f"{EXPECTED_ERRORS[case]!r}\n{pair.hostile.describe()}"
     )
     for row in rows.itertuples():

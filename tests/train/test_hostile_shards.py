@@ -209,14 +209,21 @@ def test_the_reader_skips_every_hostile_sample_in_bounded_memory(hostile_shard: 
     """The real loader, in its own process: the good sample comes out, each bad one is counted under its
     reason and logged with what is wrong, and the process's peak RSS stays under RSS_LIMIT_BYTES."""
     script = f"""
-import json, logging, resource, sys
+import json, logging, sys
 from train.data import DataConfig, make_loader
+
+def peak_rss():
+    # VmHWM belongs to this process's memory map (ru_maxrss would carry the forking parent's peak).
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 config = DataConfig(shards={str(hostile_shard)!r}, **{CONFIG!r})
 loader = make_loader(config, seed=0, epoch=0, rank=0, world_size=1)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; imports done
+before = peak_rss()  # imports done
 batch = next(iter(loader))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 print(json.dumps({{"keys": batch["key"], "stats": batch["stats"], "before": before, "peak": peak}}))
 """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
