@@ -213,6 +213,19 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def _start_build_until_ray_is_up(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, float]:
+    """A demo build through the CLI, returned once its Ray is up (it has checked its nodes), with the
+    seconds that took."""
+    command = [PYTHON, "-m", "pipeline", "build", "--no-progress", "--dataset", "demo"]
+    command += ["--root", str(tmp_path / "demo"), "--out", str(tmp_path / "out"), *SMALL_DEMO, "stages=[]"]
+    started = time.monotonic()
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    for line in driver.stderr:
+        if "Ray node(s) see" in line:
+            break
+    return driver, time.monotonic() - started
+
+
 @pytest.mark.slow
 def test_a_rerun_kills_what_a_killed_build_left_and_completes(tmp_path: Path) -> None:
     """SIGKILL the driver and its direct children (the launcher of its Ray) once Ray is up, as a
@@ -220,16 +233,9 @@ def test_a_rerun_kills_what_a_killed_build_left_and_completes(tmp_path: Path) ->
     them (and only them) before it starts its own Ray, completes, and leaves no process running."""
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # this test's Ray temp dir and head records
     env = _env(RAY_TMPDIR=ray_tmp)
-    command = [PYTHON, "-m", "pipeline", "build", "--no-progress", "--dataset", "demo"]
-    command += ["--root", str(tmp_path / "demo"), "--out", str(tmp_path / "out"), *SMALL_DEMO, "stages=[]"]
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    driver, ready_s = _start_build_until_ray_is_up(tmp_path, env)
     tree: list[psutil.Process] = []
     try:
-        started = time.monotonic()
-        for line in driver.stderr:  # Ray is up once the build has checked its nodes
-            if "Ray node(s) see" in line:
-                break
-        ready_s = time.monotonic() - started
         tree = psutil.Process(driver.pid).children(recursive=True)
         direct = psutil.Process(driver.pid).children()
         for process in [psutil.Process(driver.pid), *direct]:
@@ -259,14 +265,9 @@ def test_a_killed_driver_takes_its_ray_with_it(tmp_path: Path) -> None:
     """SIGKILL the driver alone once Ray is up: no process it started outlives it by more than a minute."""
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     env = _env(RAY_TMPDIR=ray_tmp)
-    command = [PYTHON, "-m", "pipeline", "build", "--no-progress", "--dataset", "demo"]
-    command += ["--root", str(tmp_path / "demo"), "--out", str(tmp_path / "out"), *SMALL_DEMO, "stages=[]"]
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    driver, _ = _start_build_until_ray_is_up(tmp_path, env)
     tree: list[psutil.Process] = []
     try:
-        for line in driver.stderr:
-            if "Ray node(s) see" in line:
-                break
         tree = psutil.Process(driver.pid).children(recursive=True)
         driver.kill()
         driver.wait(timeout=30)
