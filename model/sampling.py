@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from model.config import MegActorConfig
 from model.megactor import Condition, MegActor, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,71 @@ class SamplingConfig:
     context_overlap: int = 8
     seed: int = 0
     progress: bool = True
+    # Lin et al. 2023 §3.4: pull the guided prediction's per-sample std back towards the conditional one's
+    # (fixes over-exposure at high guidance). None = 0.7 for a v-prediction, zero-terminal-SNR model (their
+    # recommendation), else 0.0; 0 = plain classifier-free guidance.
+    guidance_rescale: float | None = None
+    # Precision of the networks: "bf16" autocast, "off" (their parameters' dtype, even under a caller's
+    # autocast) or "auto" (bf16 on CUDA; elsewhere whatever the caller set, so plain fp32 on CPU).
+    autocast: str = "auto"
+    tf32: bool = True  # on CUDA, TF32 matmuls / convolutions for whatever still runs in float32
+
+    def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast: expected one of {AUTOCAST_MODES}, got {self.autocast!r}")
+        if self.guidance_rescale is not None and not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(
+                f"guidance_rescale: expected a value in [0, 1] (or null for the model's default), "
+                f"got {self.guidance_rescale}"
+            )
+
+
+AUTOCAST_MODES = ("auto", "off", "bf16")
+RECOMMENDED_RESCALE = 0.7  # Lin et al. 2023, for v-prediction with zero terminal SNR
+
+
+def default_guidance_rescale(config: MegActorConfig) -> float:
+    """0.7 for a model trained with v-prediction and zero terminal SNR (Lin et al.), else 0.0."""
+    zero_snr_v = config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    return RECOMMENDED_RESCALE if zero_snr_v else 0.0
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Mix the guided prediction with a copy scaled to the conditional prediction's std, per sample.
+
+    The std runs over every dim but the first (a window's frames, channels and pixels), as diffusers'
+    `rescale_noise_cfg` does.
+    """
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def resolve_autocast(mode: str, device: torch.device) -> str | None:
+    """ "bf16" / "off" to enforce, None to leave the caller's autocast state as it is."""
+    if mode == "auto":
+        return "bf16" if device.type == "cuda" else None
+    return mode
+
+
+def autocast_context(mode: str | None, device: torch.device) -> contextlib.AbstractContextManager:
+    if mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if mode == "off":
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls and convolutions for the duration of a call; the global flags are restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def context_windows(num_frames: int, size: int, overlap: int) -> list[range]:
@@ -48,8 +116,9 @@ class MegActorPipeline:
 
     The sampler is the model's own schedule (`build_scheduler(model.config)`: prediction type, spacing,
     zero terminal SNR), so `model.animate` and the trainer's validation videos sample exactly what the
-    model was trained for. The networks run in their parameters' dtype (or the caller's autocast); the
-    latents, the guidance combination and every DDIM step stay float32.
+    model was trained for. The networks run under `SamplingConfig.autocast` (bf16 on CUDA by default); the
+    latents, the guidance combination (and its rescale) and every DDIM step stay float32, and the VAE
+    decodes in its parameters' dtype (bf16 would cost the last 8-bit level near white).
     """
 
     def __init__(self, model: MegActor) -> None:
@@ -70,6 +139,29 @@ class MegActorPipeline:
         """
         cfg = config or SamplingConfig()
         model = self.model.eval()
+        device = next(model.denoiser.parameters()).device
+        mode = resolve_autocast(cfg.autocast, device)
+        rescale = (
+            default_guidance_rescale(model.config) if cfg.guidance_rescale is None else cfg.guidance_rescale
+        )
+        log.debug("sampling: autocast %s, guidance_rescale %.2f", mode or "as the caller set it", rescale)
+        with tf32_matmul(cfg.tf32 and device.type == "cuda"):
+            with autocast_context(mode, device):
+                latents = self._denoise(reference, driving, background_mask, cfg, rescale)
+            # Our own bf16 covers the networks that run every step, not the one decode.
+            with autocast_context(None if mode is None else "off", device):
+                return model.decode_latents(latents)[0]
+
+    def _denoise(
+        self,
+        reference: torch.Tensor,
+        driving: torch.Tensor,
+        background_mask: torch.Tensor | None,
+        cfg: SamplingConfig,
+        rescale: float,
+    ) -> torch.Tensor:
+        """The float32 latents (1, F, 4, h, w) after every DDIM step."""
+        model = self.model
         param = next(model.denoiser.parameters())
         device, dtype = param.device, param.dtype
         if background_mask is None:
@@ -102,8 +194,7 @@ class MegActorPipeline:
                     noisy, timesteps, condition, driven[:, window].expand(branches, -1, -1, -1, -1)
                 )
                 if guided:
-                    uncond, cond = out.chunk(2)
-                    out = uncond + cfg.guidance_scale * (cond - uncond)
+                    out = self._guide(out, cfg.guidance_scale, rescale)
                 total[:, window] += out
                 counts[:, window] += 1
             with torch.autocast(device.type, enabled=False):  # DDIM in float32 even under bf16 autocast
@@ -111,4 +202,12 @@ class MegActorPipeline:
                     total / counts, t, latents, eta=cfg.eta, generator=generator
                 ).prev_sample
         model.bank.clear()
-        return model.decode_latents(latents)[0]
+        return latents
+
+    @staticmethod
+    def _guide(out: torch.Tensor, scale: float, rescale: float) -> torch.Tensor:
+        """Classifier-free guidance of one window's (uncond, cond) pair, in float32; rescaled per window,
+        since each window is one prediction of the model."""
+        uncond, cond = out.chunk(2)
+        guided = uncond + scale * (cond - uncond)
+        return rescale_guidance(guided, cond, rescale) if rescale > 0 else guided
