@@ -68,7 +68,7 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -
 
 
 def resolve_autocast(mode: str, device: torch.device) -> str | None:
-    """ "bf16" / "off" to enforce, None to leave the caller's autocast state as it is."""
+    """The mode to enforce ("bf16" or "off"), or None to leave the caller's autocast state as it is."""
     if mode == "auto":
         return "bf16" if device.type == "cuda" else None
     return mode
