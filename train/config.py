@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from model.config import MegActorConfig
 from pipeline.config import deep_merge, from_dict, parse_overrides, read_yaml
@@ -19,6 +19,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
 STAGES = ("stage1", "stage2")
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
+GRAD_COMPRESSIONS = ("none", "bf16")
 
 
 @dataclass
@@ -46,6 +47,39 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up, then constant (the authors use a constant rate)
     # Min-SNR loss weighting (Hang et al. 2023) with this gamma, e.g. 5.0; None = plain MSE (authors).
     snr_gamma: float | None = None
+    # AdamW's implementation: auto = the fused kernel when every parameter is on a GPU, foreach (one
+    # kernel per op over all tensors) elsewhere; true = fused (torch raises where it has none); false = foreach.
+    fused: Literal["auto", True, False] = "auto"
+
+    def __post_init__(self) -> None:
+        if not (self.fused == "auto" or isinstance(self.fused, bool)):
+            raise ValueError(f"optim.fused: expected auto, true or false, got {self.fused!r}")
+
+
+@dataclass
+class DDPConfig:
+    """DistributedDataParallel (strategy=ddp). Gradients always live in DDP's reduction buckets
+    (gradient_as_bucket_view): no second gradient-sized copy per GPU."""
+
+    # bf16: gradients are all-reduced in bfloat16 (half the traffic, ~3 significant digits) and averaged
+    # back into fp32; none: fp32 all-reduce.
+    grad_compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.grad_compression not in GRAD_COMPRESSIONS:
+            raise ValueError(
+                f"ddp.grad_compression: expected one of {GRAD_COMPRESSIONS}, got {self.grad_compression!r}"
+            )
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 (strategy=fsdp)."""
+
+    # With mixed_precision=bf16: gather the sharded weights in bf16 for forward and backward (half the
+    # all-gather traffic and unsharded-weight memory) and reduce-scatter gradients in fp32; the sharded
+    # weights and AdamW states stay fp32. No effect with mixed_precision=fp32.
+    bf16_params: bool = False
 
 
 @dataclass
@@ -110,6 +144,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def validate(self) -> None:
         choices = {"stage": STAGES, "strategy": STRATEGIES, "mixed_precision": PRECISIONS}

@@ -1,7 +1,7 @@
 """Shards -> training batches: a seeded WebDataset stream per Ray Train worker and DataLoader worker.
 
 The stream of one (seed, epoch, rank) is deterministic, also with several DataLoader workers, so the
-trainer resumes mid-epoch by rebuilding the epoch's loader and skipping the batches it already used.
+trainer resumes mid-epoch by iterating the epoch again and skipping the batches it already used.
 Every rank yields exactly `steps_per_epoch` batches, so DDP ranks never wait on each other at an
 epoch's end. A sample decodes only the frames it needs (pipeline.video.IndexedVideo). Shards are read
 as streams through pipeline/storage.py, from a local folder or an object store (data.root=s3://...)
@@ -15,6 +15,7 @@ import glob
 import io
 import json
 import logging
+import multiprocessing
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -462,6 +463,24 @@ class StreamStats:
         return out
 
 
+class SharedEpoch:
+    """The data epoch, in shared memory: persistent DataLoader workers outlive an epoch and read the
+    current value each time a pass over the stream starts (EpochLoader.set_epoch before iterating)."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.value = multiprocessing.get_context("spawn").Value("q", epoch, lock=False)
+
+    def set(self, epoch: int) -> None:
+        self.value.value = epoch
+
+    def get(self) -> int:
+        return int(self.value.value)
+
+
+def _epoch_of(epoch: int | SharedEpoch) -> int:
+    return epoch.get() if isinstance(epoch, SharedEpoch) else epoch
+
+
 class ShardStream(IterableDataset):
     """{"url"} of endless shard passes, each a permutation drawn from Random(seed, epoch).
 
@@ -469,14 +488,16 @@ class ShardStream(IterableDataset):
     pass no two slots read the same shard (when there are enough shards), and any shard count works.
     """
 
-    def __init__(self, urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self, urls: list[str], seed: int, epoch: int | SharedEpoch, rank: int, world_size: int
+    ) -> None:
         super().__init__()
         self.urls, self.seed, self.epoch, self.rank, self.world_size = urls, seed, epoch, rank, world_size
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         worker, num_workers = _worker_slot()
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        rng = random.Random(f"shards:{self.seed}:{self.epoch}")  # the same passes in every slot
+        rng = random.Random(f"shards:{self.seed}:{_epoch_of(self.epoch)}")  # the same passes in every slot
         dealt = 0
         while True:
             order = list(self.urls)
@@ -490,14 +511,14 @@ class ShardStream(IterableDataset):
 class Shuffle:
     """Seeded buffer shuffle of raw samples (per worker: Random(seed, epoch, rank, worker))."""
 
-    def __init__(self, size: int, seed: int, epoch: int, rank: int) -> None:
+    def __init__(self, size: int, seed: int, epoch: int | SharedEpoch, rank: int) -> None:
         self.size, self.seed, self.epoch, self.rank = size, seed, epoch, rank
 
     def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if self.size == 0:  # no shuffling: shard order
             yield from source
             return
-        rng = _stream_rng("shuffle", self.seed, self.epoch, self.rank)
+        rng = _stream_rng("shuffle", self.seed, _epoch_of(self.epoch), self.rank)
         buffer: list[dict[str, Any]] = []
         for sample in source:
             if len(buffer) < self.size:
@@ -513,11 +534,13 @@ class Shuffle:
 class Decode:
     """Raw samples -> decoded samples; skipped and broken ones are counted, logged and dropped."""
 
-    def __init__(self, config: DataConfig, seed: int, epoch: int, rank: int, stats: StreamStats) -> None:
+    def __init__(
+        self, config: DataConfig, seed: int, epoch: int | SharedEpoch, rank: int, stats: StreamStats
+    ) -> None:
         self.config, self.seed, self.epoch, self.rank, self.stats = config, seed, epoch, rank, stats
 
     def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rng = _stream_rng("decode", self.seed, self.epoch, self.rank)
+        rng = _stream_rng("decode", self.seed, _epoch_of(self.epoch), self.rank)
         for raw in source:
             self.stats.count("samples")
             try:
@@ -567,7 +590,9 @@ class EpochShare:
         raise RuntimeError(f"the shard stream ended after {count} of {share} batches")
 
 
-def build_pipeline(config: DataConfig, seed: int, epoch: int, rank: int, world_size: int) -> wds.DataPipeline:
+def build_pipeline(
+    config: DataConfig, seed: int, epoch: int | SharedEpoch, rank: int, world_size: int
+) -> wds.DataPipeline:
     """The stream of one rank, as DataLoader workers run it (each worker owns a copy of the stats)."""
     stats = StreamStats(rank, config.log_every)
     return wds.DataPipeline(
@@ -593,10 +618,21 @@ def _init_worker(_: int) -> None:
 
 
 class EpochLoader:
-    """One data epoch of one rank: exactly `steps_per_epoch` batches (len() says how many)."""
+    """The data epochs of one rank: each iteration yields exactly `steps_per_epoch` batches (len() says
+    how many) of the epoch last set; the same DataLoader worker processes serve every epoch."""
 
-    def __init__(self, loader: DataLoader, steps: int) -> None:
-        self.loader, self.steps = loader, steps
+    def __init__(self, loader: DataLoader, steps: int, epoch: SharedEpoch) -> None:
+        self.loader, self.steps, self.shared_epoch = loader, steps, epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.shared_epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration yields (its shard order, shuffle and crops)."""
+        if epoch < 0:
+            raise ValueError(f"data epoch: expected >= 0, got {epoch}")
+        self.shared_epoch.set(epoch)
 
     def __len__(self) -> int:
         return self.steps
@@ -608,7 +644,8 @@ class EpochLoader:
 def make_loader(
     config: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int, pin_memory: bool = False
 ) -> EpochLoader:
-    """The batches of one data epoch of one rank; the same (seed, epoch, rank, config) gives the same batches.
+    """The batches of one rank, starting at data epoch `epoch` (loader.set_epoch moves on, keeping the
+    worker processes); the same (seed, epoch, rank, config) gives the same batches.
 
     A batch: "reference" (B, 3, H, W), "driving" and "target" (B, F, 3, H, W), float32 in [-1, 1]
     (F = num_frames, or num_frames - 1 with reference=window);
@@ -618,7 +655,8 @@ def make_loader(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
-    pipeline = build_pipeline(config, seed, epoch, rank, world_size)
+    shared_epoch = SharedEpoch(epoch)
+    pipeline = build_pipeline(config, seed, shared_epoch, rank, world_size)
     loader = DataLoader(
         pipeline,
         batch_size=None,  # the pipeline batches
@@ -628,9 +666,10 @@ def make_loader(
         # Ray Train workers (and test processes) run threads; a forked child can inherit a held lock and
         # hang forever, so workers start from a fresh interpreter.
         multiprocessing_context="spawn" if config.num_workers else None,
-        persistent_workers=False,
+        # Kept across epochs (set_epoch): a spawned worker spends seconds importing before its first batch.
+        persistent_workers=config.num_workers > 0,
     )
-    return EpochLoader(loader, config.steps_per_epoch)
+    return EpochLoader(loader, config.steps_per_epoch, shared_epoch)
 
 
 def fixed_batch(config: DataConfig, count: int, seed: int = 0, allow_fewer: bool = False) -> dict[str, Any]:

@@ -25,6 +25,7 @@ def make_ema(params: list[nn.Parameter], config: EMAConfig) -> EMAModel:
         use_ema_warmup=config.warmup,
         power=config.power,
         update_after_step=config.update_after_step,
+        foreach=True,  # one kernel per op over all weights, not one per weight
     )
 
 

@@ -56,6 +56,7 @@ TRAIN_WEIGHTS_FILE = "train_weights.safetensors"
 # Model settings that change memory or speed only: a relaunch may change them, all others come from the
 # checkpoint being resumed.
 RUNTIME_MODEL_FIELDS = ("gradient_checkpointing",)
+IMPLEMENTATION_FLAGS = ("fused", "foreach")  # AdamW param-group keys that pick a kernel, not the maths
 
 
 @dataclass
@@ -161,11 +162,24 @@ def evaluation_loss(
     return sum(losses) / len(losses)
 
 
+def adamw_implementation(params: list[nn.Parameter], fused: str | bool) -> dict[str, bool]:
+    """AdamW's fused / foreach flags for optim.fused: the fused kernel (one launch for every tensor,
+    no intermediate copies) on GPUs under auto, foreach elsewhere."""
+    if fused == "auto":
+        fused = all(p.device.type == "cuda" for p in params)
+    return {"fused": True} if fused else {"foreach": True}
+
+
 def make_optimizer(params: list[nn.Parameter], config: OptimConfig) -> torch.optim.AdamW:
     if not params:
         raise ValueError("no trainable parameters: check model.config.trainable for this stage")
     return torch.optim.AdamW(
-        params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=config.eps
+        params,
+        lr=config.lr,
+        betas=tuple(config.betas),
+        weight_decay=config.weight_decay,
+        eps=config.eps,
+        **adamw_implementation(params, config.fused),
     )
 
 
@@ -178,7 +192,22 @@ def make_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def fsdp_wrap(model: MegActor, device: torch.device) -> nn.Module:
+def fsdp_precision(bf16_params: bool) -> dict[str, Any]:
+    """fully_shard's mp_policy: bf16 gathered weights, fp32 gradient reduction; {} when off or when this
+    torch has no MixedPrecisionPolicy (the weights are then gathered in fp32)."""
+    if not bf16_params:
+        return {}
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+    except ImportError:
+        log.warning(
+            "fsdp.bf16_params: torch %s has no MixedPrecisionPolicy; gathering fp32", torch.__version__
+        )
+        return {}
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+
+
+def fsdp_wrap(model: MegActor, device: torch.device, bf16_params: bool = False) -> nn.Module:
     """FSDP2: shard the trained modules' weights, gradients and AdamW states over the ranks, transformer
     and ResNet blocks first; the frozen VAE and CLIP stay whole on every rank."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -187,6 +216,7 @@ def fsdp_wrap(model: MegActor, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    precision = fsdp_precision(bf16_params)
     for tower in (model.reference_net, model.denoiser):
         # The ReferenceNet's gradients arrive through the reference bank, not through its outputs, so
         # FSDP's pre-backward hooks never re-gather its weights: they stay gathered from forward to
@@ -194,21 +224,40 @@ def fsdp_wrap(model: MegActor, device: torch.device) -> nn.Module:
         keep = tower is model.reference_net
         for block in tower.modules():
             if isinstance(block, (BasicTransformerBlock, ResnetBlock2D)):
-                fully_shard(block, mesh=mesh, reshard_after_forward=not keep)
-        fully_shard(tower, mesh=mesh, reshard_after_forward=not keep)
-    fully_shard(model.driven_encoder, mesh=mesh)
+                fully_shard(block, mesh=mesh, reshard_after_forward=not keep, **precision)
+        fully_shard(tower, mesh=mesh, reshard_after_forward=not keep, **precision)
+    fully_shard(model.driven_encoder, mesh=mesh, **precision)
     return model
 
 
-def wrap_model(model: MegActor, strategy: str, device: torch.device) -> nn.Module:
+def ddp_wrap(module: nn.Module, device: torch.device, grad_compression: str = "none") -> nn.Module:
+    """DDP whose gradients are views into its all-reduce buckets (no second gradient-sized copy), with
+    the gradients all-reduced in bf16 when grad_compression is bf16."""
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+    if grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        ddp.register_comm_hook(None, bf16_compress_hook)
+    elif grad_compression != "none":
+        raise ValueError(f"ddp.grad_compression: expected none or bf16, got {grad_compression!r}")
+    return ddp
+
+
+def wrap_model(
+    model: MegActor,
+    strategy: str,
+    device: torch.device,
+    grad_compression: str = "none",
+    fsdp_bf16_params: bool = False,
+) -> nn.Module:
     """DDP (default) or FSDP across the process group; a single process without one runs unwrapped."""
     model.to(device)
     if not dist.is_initialized():
         return model
     if strategy == "fsdp":
-        return fsdp_wrap(model, device)
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return fsdp_wrap(model, device, fsdp_bf16_params)
+    return ddp_wrap(model, device, grad_compression)
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -344,7 +393,12 @@ def load_optimizer_state(
             checkpoint_dir / OPTIMIZER_FILE, map_location="cpu", weights_only=True, mmap=True
         )
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    # The saved param groups carry the fused / foreach flags of the run that wrote them; this run's
+    # optim.fused (and this machine's devices) decide.
+    implementation = [{k: g.get(k) for k in IMPLEMENTATION_FLAGS} for g in optimizer.param_groups]
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    for group, flags in zip(optimizer.param_groups, implementation, strict=True):
+        group.update(flags)
     state = read_train_state(checkpoint_dir)
     lr_scheduler.load_state_dict(state.lr_scheduler)
     return state

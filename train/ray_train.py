@@ -188,7 +188,8 @@ def train_worker(config_dict: dict[str, Any]) -> None:
         model = build_model(config, checkpoint)
         model.trainable_parameters(config.stage)  # sets requires_grad for the stage
         model.train()
-        wrapped = wrap_model(model, config.strategy, device)
+        wrapped = wrap_model(model, config.strategy, device, config.ddp.grad_compression,
+                             config.mixed_precision == "bf16" and config.fsdp.bf16_params)  # fmt: skip
         params = list(trainable(wrapped).values())  # FSDP2 swaps in sharded ones
         optimizer = make_optimizer(params, config.optim)
         lr_scheduler = make_lr_scheduler(optimizer, config.optim.warmup_steps)
@@ -288,12 +289,14 @@ def run_loop(
                     writer.add_scalar(f"val/{name}", value, state.step)
         unwrap(model).train()  # sampling and the loss leave the model in eval mode
 
+    # One loader for the whole run: its DataLoader workers persist, set_epoch moves them to the next epoch.
+    loader = make_loader(config.data, seed=config.seed, epoch=0, rank=rank, world_size=world_size,
+                         pin_memory=device.type == "cuda")  # fmt: skip
     while state.step < config.max_steps:
         epoch, offset = data_position(state.step, config.data.steps_per_epoch)
         if offset:
             log.info("data epoch %d: skipping the %d batches trained on before the resume", epoch, offset)
-        loader = make_loader(config.data, seed=config.seed, epoch=epoch, rank=rank, world_size=world_size,
-                             pin_memory=device.type == "cuda")  # fmt: skip
+        loader.set_epoch(epoch)
         batches = iter(batches_after(iter(loader), offset))
         for position in range(offset, config.data.steps_per_epoch):
             waited = time.perf_counter()
