@@ -167,8 +167,9 @@ class Evaluator:
                 features["fid"] = [
                     inception_features(inception, v, self.torch_device) for v in (pred, target)
                 ]
+            i3d = self.model("fvd")  # loaded first: a missing file is the reason to report, not the length
             too_short = count < self.rules.fvd_frames
-            if not too_short and (i3d := self.model("fvd")) is not None:
+            if not too_short and i3d is not None:
                 features["fvd"] = [
                     i3d_features(i3d, protocol_clip(v, self.rules), self.torch_device) for v in (pred, target)
                 ]
@@ -325,7 +326,7 @@ class Evaluator:
         if name == "fvd":
             info |= {"clip_frames": self.rules.fvd_frames, "short_videos_skipped": short}
             if short and not pairs:
-                reason = (
+                reason = self.reason("fvd") or (
                     f"all {short} videos are shorter than the protocol's {self.rules.fvd_frames}-frame clip"
                 )
         if not pairs:
