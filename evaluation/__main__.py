@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from evaluation.distribution import DEFAULT_PROTOCOL, PROTOCOLS
 from evaluation.faces import BACKENDS
 from evaluation.locations import local_checkpoint, local_output
 
@@ -20,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--backend", choices=BACKENDS, default="insightface")
     common.add_argument("--weights-dir", default=None, help="default: $WEIGHTS_DIR")
     common.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    common.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default=DEFAULT_PROTOCOL,
+        help="FID/FVD sampling protocol; below its N the metric is named fid_n<N> / fvd_n<N>",
+    )
 
     compare = sub.add_parser("compare", parents=[common], help="score any method's output video")
     compare.add_argument("--pred", type=Path, required=True, help="the generated video")
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.backend,
                 args.weights_dir,
                 args.device,
+                args.protocol,
             )
         print(json.dumps(summary["metrics"], indent=2))
         return 0
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     options = RunOptions(
         num_clips=args.num_clips, num_frames=args.num_frames, steps=args.steps, cross=args.cross,
         grid_clips=args.grid_clips, seed=args.seed, split=args.split, guidance_scale=args.guidance_scale,
-        resolution=args.resolution, stride=args.stride,
+        resolution=args.resolution, stride=args.stride, protocol=args.protocol,
     )  # fmt: skip
     with local_checkpoint(args.checkpoint) as checkpoint, local_output(args.out) as out:
         table = evaluate_checkpoint(

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from evaluation.distribution import DEFAULT_PROTOCOL
 from evaluation.frames import read_frames
 from evaluation.outputs import write_metrics
 from evaluation.scoring import Evaluator
@@ -21,10 +22,12 @@ def compare_videos(
     backend: str = "insightface",
     weights_dir: str | Path | None = None,
     device: str = "auto",
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict[str, Any]:
-    """Score pred, write out/metrics.json and out/frames.parquet, return the summary."""
+    """Score pred, write out/metrics.json and out/frames.parquet, return the summary. Without a target
+    it is cross reenactment (no reconstruction metrics, no AKD)."""
     weights_dir = weights_dir or os.environ.get("WEIGHTS_DIR") or None
-    evaluator = Evaluator(weights_dir, backend, device)
+    evaluator = Evaluator(weights_dir, backend, device, protocol)
     scores = evaluator.score_clip(
         read_frames(pred),
         read_frames(target) if target else None,

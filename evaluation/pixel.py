@@ -19,6 +19,12 @@ def _pair(pred: np.ndarray, target: np.ndarray) -> None:
         raise ValueError(f"pred {pred.shape} and target {target.shape} differ: resize first")
 
 
+def identical(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per frame: no pixel differs (PSNR is infinite there: counted, never averaged in)."""
+    _pair(pred, target)
+    return (pred == target).reshape(len(pred), -1).all(axis=1)
+
+
 def psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     _pair(pred, target)
     diff = pred.astype(np.float64) - target.astype(np.float64)

@@ -4,9 +4,11 @@ results.md and side-by-side videos (reference | driving | generated | ground tru
 
 Clips: the first `num_clips` usable samples of the split in sorted shard order (train.data.fixed_batch:
 frames and reference drawn from Random(seed), no jitter), so two checkpoints see the same clips.
-Self reenactment: clip i's reference and driving, scored against clip i. Cross reenactment: clip
-(i+1)'s reference driven by clip i; no ground truth, so CSIM against clip (i+1)'s reference and identity
-leakage against clip i's own identity. Generation runs in this process, one clip after another (no Ray).
+Self reenactment: clip i's reference and driving, scored against clip i. Cross reenactment: each clip
+i drives the reference of a clip of another identity (the shard index's `identity`), drawn from
+Random(seed) among those clips; the pairs are written to pairs.parquet. No ground truth there, so no
+reconstruction metrics and no AKD; CSIM against the reference and identity leakage against clip i's own
+identity, with its baseline. Generation runs in this process, one clip after another (no Ray).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +25,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from evaluation.distribution import DEFAULT_PROTOCOL
 from evaluation.outputs import markdown_table, write_metrics
-from evaluation.scoring import Evaluator
+from evaluation.scoring import PER_PAIR, Evaluator
 from model.loading import load_megactor
 from model.megactor import MegActor
 from model.preprocess import to_uint8_frames
 from model.sampling import MegActorPipeline, SamplingConfig
+from pipeline import storage
 from pipeline.video import encode_mp4
-from pipeline.writer import atomic_write_bytes
+from pipeline.writer import INDEX_SUFFIX, atomic_write_bytes, atomic_write_parquet, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ class RunOptions:
     seed: int = 0
     split: str = "test"
     resolution: int | None = None  # default: the checkpoint's training resolution (else 512)
+    protocol: str = DEFAULT_PROTOCOL  # FID / FVD sampling protocol (evaluation/distribution.py)
 
     def __post_init__(self) -> None:
         if self.num_clips < 1 or self.num_frames < 1 or self.steps < 1:
@@ -99,6 +105,43 @@ def held_out_clips(shards: str, options: RunOptions, resolution: int) -> dict[st
     return fixed_batch(config, options.num_clips, options.seed, allow_fewer=True)
 
 
+def clip_identities(shards: str, split: str, keys: list[str]) -> dict[str, str]:
+    """Each clip's identity from the index parts beside the split's committed shards."""
+    from train.data import DataConfig, list_shards
+
+    found: dict[str, str] = {}
+    for tar in list_shards(DataConfig(root=str(shards), split=split, num_workers=0)):
+        part = tar[: -len(".tar")] + INDEX_SUFFIX
+        if storage.is_file(part):
+            index = read_parquet(part, "rebuild the shard set: its index parts name each clip's identity")
+            if {"key", "identity"} <= set(index.columns):
+                found.update(zip(index["key"].astype(str), index["identity"].astype(str), strict=True))
+    missing = [k for k in keys if not found.get(k)]
+    if missing:
+        raise ValueError(
+            f"cross reenactment pairs clips of different people, but the index parts of {shards} ({split}) "
+            f"give no identity for {missing}: rebuild the shard set (index parts carry `identity`)"
+        )
+    return {k: found[k] for k in keys}
+
+
+def cross_pairs(identities: list[str], seed: int) -> list[tuple[int, int]]:
+    """(reference, driving) index pairs: every clip drives the reference of a clip of another identity,
+    drawn from Random(seed); a clip whose identity is the only one held out gets no pair."""
+    rng = random.Random(f"cross:{seed}")
+    pairs = []
+    for drv, who in enumerate(identities):
+        others = [ref for ref, other in enumerate(identities) if other != who]
+        if others:
+            pairs.append((rng.choice(others), drv))
+    if not pairs:
+        raise ValueError(
+            f"cross reenactment needs held-out clips of 2 identities; the {len(identities)} clips are all "
+            f"{identities[0]!r}: raise --num-clips or use a split with more people"
+        )
+    return pairs
+
+
 def generate(
     model: MegActor, batch: dict[str, Any], reference: int, driving: int, options: RunOptions
 ) -> np.ndarray:
@@ -125,6 +168,17 @@ def write_grid(path: Path, panels: list[np.ndarray]) -> None:
     atomic_write_bytes(path, encode_mp4(np.ascontiguousarray(grid), GRID_FPS))
 
 
+def pair_row(reference: str, driving: str, identities: dict[str, str], pair: dict[str, float]) -> dict:
+    """One row of pairs.parquet: who drove whom, and the pair's identity-leakage baseline."""
+    return {
+        "reference_clip": reference,
+        "reference_identity": identities[reference],
+        "driving_clip": driving,
+        "driving_identity": identities[driving],
+        **{name: pair.get(name, float("nan")) for name in PER_PAIR},
+    }
+
+
 def evaluate_checkpoint(
     checkpoint: Path,
     shards: str,
@@ -143,11 +197,15 @@ def evaluate_checkpoint(
     count = len(keys)
     if options.cross and count < 2:
         raise ValueError(f"cross reenactment needs 2 held-out clips, the {options.split!r} split has {count}")
-    evaluator = Evaluator(weights_dir or os.environ.get("WEIGHTS_DIR") or None, backend, device)
+    evaluator = Evaluator(
+        weights_dir or os.environ.get("WEIGHTS_DIR") or None, backend, device, options.protocol
+    )
     settings = {"self": [(i, i) for i in range(count)]}
+    identities: dict[str, str] = {}
     if options.cross:
-        settings["cross"] = [((i + 1) % count, i) for i in range(count)]
-    summaries, tables = {}, []
+        identities = clip_identities(shards, options.split, keys)
+        settings["cross"] = cross_pairs([identities[k] for k in keys], options.seed)
+    summaries, tables, pair_rows = {}, [], []
     for setting, pairs in settings.items():
         scores = []
         for k, (ref, drv) in enumerate(pairs):
@@ -157,6 +215,8 @@ def evaluate_checkpoint(
             target = driving_real if setting == "self" else None
             clip = f"{setting}:{keys[ref]}<-{keys[drv]}" if setting == "cross" else f"self:{keys[drv]}"
             scores.append(evaluator.score_clip(generated, target, reference, driving_real, clip=clip))
+            if setting == "cross":
+                pair_rows.append(pair_row(keys[ref], keys[drv], identities, scores[-1].pair))
             if k < options.grid_clips:
                 panels = [reference, to_uint8_frames(batch["driving"][drv]), generated]
                 panels += [driving_real] if target is not None else []
@@ -172,10 +232,13 @@ def evaluate_checkpoint(
         "options": asdict(options) | {"resolution": resolution},
     }
     table = markdown_table(summaries)
+    if pair_rows:  # before metrics.json, whose presence says the results are complete
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_parquet(out / "pairs.parquet", pd.DataFrame(pair_rows))
     write_metrics(out, summary, pd.concat(tables, ignore_index=True))
     atomic_write_bytes(out / "results.md", (
         f"# Evaluation of {run['megactor_dir']}\n\n{count} held-out clips of {shards} ({options.split}), "
         f"{options.num_frames} frames at {resolution}², {options.steps} DDIM steps, seed {options.seed}, "
-        f"backend {backend}.\n\n{table}"
+        f"backend {backend}, FID/FVD protocol {options.protocol}.\n\n{table}"
     ).encode())  # fmt: skip
     return table

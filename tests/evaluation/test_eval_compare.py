@@ -31,10 +31,13 @@ def test_insightface_path_scores_every_metric_on_tiny_weights(
     evaluator = Evaluator(tiny_eval_weights, "insightface", "cpu")
     other = evaluator.score_clip(noisy(clip, 8), clip, clip="noisy")
     same = evaluator.score_clip(clip, clip, clip="same")
-    summary = evaluator.summarise([other, same])  # FVD: one 16-frame clip per video, two videos
-    assert summary["skipped"] == {}, summary["skipped"]
-    assert all(math.isfinite(summary["metrics"][name]) for name in METRICS), summary["metrics"]
-    assert summary["samples"]["fvd"] == 2 and summary["samples"]["fid"] == 2 * len(clip)
+    summary = evaluator.summarise([other, same])
+    # Self reenactment has no normalised leakage; 3-frame videos are shorter than FVD's 16-frame clip.
+    assert set(summary["skipped"]) == {"id_leak_norm", "fvd"}, summary["skipped"]
+    assert summary["distribution"]["fvd"]["short_videos_skipped"] == 2
+    assert summary["samples"]["fid_n6"] == 2 * len(clip)  # below the protocol's N: named with it
+    names = set(METRICS) - {"id_leak_norm", "fvd", "fid"} | {"fid_n6"}
+    assert all(math.isfinite(summary["metrics"][name]) for name in names), summary["metrics"]
     assert set(summary["weights"]) >= {
         "arcface_r50",
         "landmark_2d106",
@@ -65,7 +68,7 @@ def test_compare_cli_writes_metrics_and_frames(
     carphone: np.ndarray, tiny_eval_weights: Path, tmp_path: Path
 ) -> None:
     """dlib backend; the weights folder lacks FID's Inception and L2CS: those two are skipped with the
-    file named, the rest are numbers (FVD too has a reason: one 8-frame video is one sample)."""
+    file named, the rest are numbers (FVD too has a reason: an 8-frame video is shorter than its clip)."""
     weights = weights_subset(tiny_eval_weights, tmp_path / "weights", ["lpips_alexnet", "fvd_i3d"])
     pred, target = tmp_path / "pred.mp4", tmp_path / "target.mp4"
     pred.write_bytes(encode_mp4(noisy(carphone, 6), 8.0))
@@ -80,11 +83,11 @@ def test_compare_cli_writes_metrics_and_frames(
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["backend"] == "dlib" and summary["frames"] == len(carphone)
     skipped = summary["skipped"]
-    assert set(skipped) == {"fid", "gaze", "fvd"}, skipped
+    assert set(skipped) == {"fid", "gaze", "fvd", "id_leak_norm"}, skipped
     assert (
         "pt_inception-2015-12-05-6726825d.pth" in skipped["fid"] and "L2CSNet_gaze360.pkl" in skipped["gaze"]
     )
-    assert "at least 2 samples" in skipped["fvd"]
+    assert "shorter than the protocol's 16-frame clip" in skipped["fvd"]
     assert all(summary["metrics"][name] is None for name in skipped)
     assert all(math.isfinite(summary["metrics"][name]) for name in set(METRICS) - set(skipped))
     assert (

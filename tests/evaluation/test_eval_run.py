@@ -77,8 +77,9 @@ def test_run_scores_a_checkpoint_on_held_out_clips(
         for name, value in metrics.items():  # a number, or a recorded reason
             assert (value is not None and math.isfinite(value)) or skipped.get(name), (setting, name)
     self_metrics = summary["self"]["metrics"]
-    for name in ("psnr", "ssim", "l1", "lpips", "fid", "fvd"):
+    for name in ("psnr", "ssim", "l1", "lpips", "fid_n8"):  # 8 frames: below FID's protocol N
         assert math.isfinite(self_metrics[name]), name
+    assert summary["self"]["distribution"]["fvd"]["short_videos_skipped"] == 2  # 4 < 16 frames
     assert "no ground-truth" in summary["cross"]["skipped"]["psnr"]
     frames = pd.read_parquet(out / "frames.parquet")
     assert set(frames["setting"]) == {"self", "cross"} and len(frames) == 2 * 2 * 4
