@@ -12,7 +12,6 @@ it over-counts) and summed PSS (shared pages divided among the processes that ma
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from hostile_corpus import build_celebvhq, build_vfhq  # noqa: E402
+from process_tree import tree_memory  # noqa: E402
 
 OVERRIDES = [
     "resolution=64",
@@ -38,19 +38,6 @@ OVERRIDES += ["stages=[]", "num_cpus=2"]
 BUILDERS = {"vfhq": build_vfhq, "celebvhq": build_celebvhq}
 
 
-def tree_memory(process: psutil.Process) -> tuple[int, int]:
-    """Summed RSS and PSS of a process and all its descendants."""
-    members = [process]
-    with contextlib.suppress(psutil.Error):
-        members += process.children(recursive=True)
-    rss = pss = 0
-    for member in members:
-        with contextlib.suppress(psutil.Error):
-            info = member.memory_full_info()
-            rss, pss = rss + info.rss, pss + info.pss
-    return rss, pss
-
-
 def measure_build(dataset: str, root: Path, out: Path) -> dict[str, float]:
     command = [sys.executable, "-m", "pipeline", "build", "--no-progress", "--dataset", dataset]
     command += ["--root", str(root), "--out", str(out), *OVERRIDES]
@@ -58,7 +45,7 @@ def measure_build(dataset: str, root: Path, out: Path) -> dict[str, float]:
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     handle, peak_rss, peak_pss = psutil.Process(process.pid), 0, 0
     while process.poll() is None:
-        rss, pss = tree_memory(handle)
+        rss, pss, _ = tree_memory(handle)
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.2)
     return {

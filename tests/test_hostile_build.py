@@ -33,6 +33,7 @@ from hostile_corpus import (
     build_vfhq,
 )
 from lookalike import REPO, frames_equal_enough
+from process_tree import tree_memory
 
 from pipeline.video import read_video_frames
 
@@ -121,19 +122,6 @@ class Build:
 
     def describe(self) -> str:
         return f"exit {self.returncode}{', killed: ' + self.killed if self.killed else ''}; stderr tail:\n{self.stderr[-2500:]}"
-
-
-def tree_memory(process: psutil.Process) -> tuple[int, int, list[psutil.Process]]:
-    """Summed RSS and PSS of a process and all its descendants, and those processes."""
-    members = [process]
-    with contextlib.suppress(psutil.Error):
-        members += process.children(recursive=True)
-    rss = pss = 0
-    for member in members:
-        with contextlib.suppress(psutil.Error):
-            info = member.memory_full_info()
-            rss, pss = rss + info.rss, pss + info.pss
-    return rss, pss, members
 
 
 def kill_all(processes: list[psutil.Process]) -> None:
