@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import glob
 import io
-import json
 import logging
 import multiprocessing
 import random
@@ -44,7 +43,7 @@ from pipeline.contract import (
     decode_mask_frames,
 )
 from pipeline.video import IndexedVideo
-from pipeline.writer import STATS_SUFFIX
+from pipeline.writer import STATS_SUFFIX, read_json
 from train.augment import draw_jitter, model_pixels, prepare_driving_frames, resize_frames, resize_masks
 
 log = logging.getLogger(__name__)
@@ -135,9 +134,9 @@ class BadStats(ValueError):
 def shard_split(stats_path: str | Path) -> str:
     """The split a shard holds, from its stats marker; shards written before splits existed count as train."""
     try:
-        stats = json.loads(storage.read_bytes(stats_path))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise BadStats(f"{stats_path}: not json ({exc})") from exc
+        stats = read_json(stats_path)
+    except ValueError as exc:
+        raise BadStats(str(exc)) from exc
     if not isinstance(stats, dict):
         raise BadStats(f"{stats_path}: a json {type(stats).__name__}, expected an object")
     split = stats.get("split")
