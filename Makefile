@@ -20,9 +20,10 @@ RAY_DASHBOARD_PORT ?= 8266
 RAY_JOB_ADDRESS ?= http://127.0.0.1:$(RAY_DASHBOARD_PORT)
 DEMO_OUT := out/demo
 TRAIN_OUT ?= out/train-demo
+ANIMATE_OUT ?= out/animate-demo
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights shards shards-job train-demo ray-up ray-down notebook report test test-fast lint format bench clean
+.PHONY: help setup weights shards shards-job train-demo animate-demo ray-up ray-down notebook report test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -59,6 +60,14 @@ train-demo: setup ## tiny stage 1, then stage 2 from it, on the demo shards: ray
 			storage_path=$(abspath $(TRAIN_OUT)) $(ARGS); \
 	done
 	@echo "checkpoints, TensorBoard events and validation videos: $(TRAIN_OUT)/stage1, $(TRAIN_OUT)/stage2"
+
+animate-demo: setup ## animate a demo portrait (one demo clip's first frame, driven by another clip) with the tiny model
+	test -f $(DEMO_OUT)/gaze/select.json || $(MAKE) shards DATASET=demo OUT=$(DEMO_OUT)
+	$(BIN)/python -m model.loading tiny out/tiny_weights
+	$(BIN)/python -m pipeline weights tiny out/tiny_weights
+	set -e; set -- $$(ls data/demo/celebvhq/processed/*.mp4); \
+	$(BIN)/python -m model.animate --ref $$2 --driving $$1 --weights out/tiny_weights \
+		--out $(ANIMATE_OUT)/animated.mp4 resolution=64 max_frames=16 num_inference_steps=4 $(ARGS)
 
 notebook: setup ## the statistics notebook in JupyterLab on 127.0.0.1 for OUT (installs JupyterLab on first use)
 	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install -c constraints.txt -e '.[notebook]'

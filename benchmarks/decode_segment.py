@@ -2,7 +2,7 @@
 and at minute 5 of a long source (a raw CelebV-HQ video), today's way vs the fixed one, same run.
 
 today: decode from frame 0, keep the segment's frames at source resolution, stack, then crop + resize
-       (the code before issue 14: `read_video_frames` then `crop_and_resize`).
+       (the earlier code: `read_video_frames` then `crop_and_resize`).
 fixed: seek to the keyframe before the segment, crop + resize each frame as it is decoded
        (`pipeline.segment.decode_segment`).
 Each measurement runs in its own process, so its peak RSS is its own.

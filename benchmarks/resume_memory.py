@@ -6,7 +6,7 @@ One optimizer.pt is written first, the way the trainer writes it (full state dic
 name). Then, for each strategy (ddp, fsdp) and each loader, two spawned gloo processes build the model
 and a fresh AdamW and load it:
 
-    today   every rank torch.load()s the whole file into its own memory (the code before issue 15)
+    today   every rank torch.load()s the whole file into its own memory (the earlier loader)
     fixed   train.loop.load_optimizer_state: rank 0 memory-maps the file, broadcasts tensor by tensor
 
 Per rank: RSS before the load, peak RSS during it (VmHWM reset just before), RSS after, and the peak of
@@ -91,7 +91,7 @@ class AnonPeak:
 
 
 def load_today(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """The resume before issue 15: every rank reads the whole file."""
+    """The earlier resume: every rank reads the whole file."""
     state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 

@@ -111,9 +111,43 @@ def prepare_inputs(
     return reference, driving, mask
 
 
+# What --help says about the settings most runs change; every field is listed with its default.
+SETTING_NOTES = {
+    "num_inference_steps": "DDIM steps",
+    "guidance_scale": "classifier-free guidance (1.0 = off, half the compute)",
+    "guidance_rescale": "null = 0.7 for v-prediction + zero terminal SNR, else 0",
+    "max_frames": "0 = every frame of the driving video",
+    "resolution": "a multiple of 8; the tiny profile runs at 64",
+    "face_mask": "facexlib (as training saw it) | none (driving already masked)",
+    "ref_mask": "foreground (as training saw it) | none (all background)",
+    "device": "auto = cuda when available",
+    "fps": "0 = the driving video's frame rate",
+}
+
+
+def settings_help() -> str:
+    """The key=value settings and their defaults, for --help."""
+    lines = ["settings (key=value, any number):"]
+    for title, cls in (("sampling", SamplingConfig), ("inputs", AnimateOptions)):
+        lines.append(f"  {title}:")
+        for field in dataclasses.fields(cls):
+            default = "null" if field.default is None else field.default
+            note = SETTING_NOTES.get(field.name, "")
+            lines.append(f"    {f'{field.name}={default}':<30}{note}".rstrip())
+    lines.append("example: resolution=64 max_frames=16 num_inference_steps=4 face_mask=none")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m model.animate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ref", type=Path, required=True, help="reference image")
+    parser = argparse.ArgumentParser(
+        prog="python -m model.animate",
+        description=__doc__.split("\n\n")[0],
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--ref", type=Path, required=True, help="reference image (or a video: its first frame)"
+    )
     parser.add_argument("--driving", type=Path, required=True, help="driving video")
     parser.add_argument("--weights", type=Path, required=True, help="weights folder (see model.loading)")
     parser.add_argument("--out", type=Path, required=True, help="output .mp4")

@@ -63,7 +63,7 @@ def test_full_profile_needs_a_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     assert w.resolve_weights_dir("tiny", None) == w.DEFAULT_TINY_DIR
 
 
-# Issue 13's table: file -> (manifest path, sha256, bytes); None where nothing is published.
+# The weights table: file -> (manifest path, sha256, bytes); None where nothing is published.
 PUBLISHED = {
     "buffalo_l": ("insightface/models/buffalo_l", "80ffe37d8a5940d59a7384c201a2a38d4741f2f3c51eef46ebb28218a7b0ca2f", 288621354),
     "scrfd_10g": ("insightface/models/buffalo_l/det_10g.onnx", "5838f7fe053675b1c7a08b633df49e7af5495cee0493c7dcf6697200b85b5b91", 16923827),
