@@ -1,5 +1,7 @@
 """`model.animate` prepares its inputs the way training does: face-masked driving video, foreground mask."""
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from parsing_helpers import rigged_parsenet_dir
 from skimage import data
 
 from model import animate as animate_module
+from model.preprocess import MASK_CHUNK, mask_faces, read_image
 from pipeline.video import encode_mp4
 
 FAST = ["resolution=64", "num_inference_steps=1", "guidance_scale=1", "context_frames=3", "context_overlap=0"]
@@ -62,3 +65,48 @@ def test_opting_out_feeds_the_frames_unmasked(tmp_path, tiny_weights, inputs_see
     assert inputs_seen["background_mask"] is None  # the sampler treats the whole reference as background
     with pytest.raises(ValueError, match="ref_mask"):
         run_cli(tmp_path, tiny_weights, ["ref_mask=densepose"])
+
+
+def test_a_video_reference_gives_its_first_frame(tmp_path):
+    """`--ref clip.mp4` takes the clip's first frame (the reference evaluation protocols use)."""
+    import av
+
+    frames = [np.full((48, 64, 3), value, np.uint8) for value in (200, 40, 40)]
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:  # written with PyAV directly, not our encoder
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    image = read_image(path)
+    assert image.shape == (48, 64, 3)
+    assert abs(float(image.mean()) - 200) < 3
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_chunked_face_masking_equals_one_call(tmp_path):
+    """The progress bar's chunks (MASK_CHUNK frames per call) mask exactly as one call over all frames."""
+    from pipeline.stages.face_mask import FaceMaskStage, write_tiny_parsenet
+    from pipeline.weights import load_weight_specs
+
+    path = tmp_path / load_weight_specs()["parsenet"].path
+    path.parent.mkdir(parents=True)
+    write_tiny_parsenet(path, 3)  # random weights: a mask that is neither empty nor full
+    frames = np.stack([np.roll(data.astronaut(), 9 * i, axis=1)[::8, ::8] for i in range(11)])
+    masked = mask_faces(frames, "facexlib", tmp_path, input_size=64)
+    whole = FaceMaskStage(str(tmp_path), input_size=64).process({"frames": frames, "face_boxes": ""})
+    kept = whole["face_mask"]
+    assert len(frames) > MASK_CHUNK and 0 < kept.mean() < 1
+    assert np.array_equal(masked, np.where(kept[..., None], frames, 0))
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        animate_module.main(["--help"])
+    text = capsys.readouterr().out
+    for cls in (animate_module.SamplingConfig, animate_module.AnimateOptions):
+        for field in dataclasses.fields(cls):
+            assert f"{field.name}=" in text, field.name
