@@ -10,7 +10,10 @@ the weights folder and init_from exist, and num_workers x (GPU, cpus_per_worker)
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+
+import ray
 
 from pipeline import storage
 from pipeline.resources import Demand, cluster_nodes, require
@@ -80,6 +83,23 @@ def preflight(config: TrainConfig, wait_s: float = RESOURCE_WAIT_S) -> None:
     from pipeline.dag import init_ray
 
     check_inputs(config)
+    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        # The loopback head would register this machine: a shortfall needs no Ray start to be seen.
+        here = [local_node()]
+        require(training_demand(config, here), wait_s, nodes=lambda: here)
     init_ray(None, log_to_driver=True)
     nodes = cluster_nodes()
     require(training_demand(config, nodes), wait_s)
+
+
+def local_node() -> dict[str, float]:
+    """The CPUs and GPUs a Ray head started on this machine registers (Ray's own detection)."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    gpus = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    if visible is not None:
+        gpus = min(gpus, len(visible))
+    return {"CPU": float(get_num_cpus()), "GPU": float(gpus)}
