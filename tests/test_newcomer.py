@@ -126,7 +126,9 @@ def test_the_report_says_when_annotations_come_from_random_weights(tmp_path: Pat
     assert "weights_note(OUT)" in notebook  # the notebook (make report / make notebook) prints it
 
 
-def test_a_shortfall_names_the_numbers_and_the_override(tmp_path: Path) -> None:
+def test_a_shortfall_names_the_numbers_and_the_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from train.preflight import PreflightError, check_inputs, training_demand
 
     config = load_train_config("stage1", overrides=["num_workers=8", "use_gpu=true", "cpus_per_worker=4"])
@@ -147,6 +149,14 @@ def test_a_shortfall_names_the_numbers_and_the_override(tmp_path: Path) -> None:
         pass  # an empty tar without its stats marker: written but never committed
     with pytest.raises(PreflightError, match="no committed shards"):
         check_inputs(config)
+    stats = {"shard": "shard-a.tar", "split": "train", "samples": 0, "keys": []}  # the commit marker
+    (shards / "shard-a.stats.json").write_text(json.dumps(stats))
+    monkeypatch.delenv("WEIGHTS_DIR", raising=False)
+    config.model.profile, config.model.weights_dir = "full", None
+    with pytest.raises(PreflightError, match="model.weights_dir=<folder>"):
+        check_inputs(config)
+    config.model.profile = "tiny"
+    check_inputs(config)  # committed train shards, tiny weights: nothing missing
 
 
 def make(*args: str) -> str:

@@ -29,10 +29,11 @@ class PreflightError(ValueError):
 
 def check_inputs(config: TrainConfig) -> None:
     """data.root holds committed shards of data.split; model.weights_dir and init_from exist."""
-    root = config.data.root
-    if not root:
+    root, shards_path = config.data.root, config.data.shards
+    relative = not storage.is_remote(shards_path) and not Path(shards_path).is_absolute()
+    if relative and not root:
         raise PreflightError("data.root is not set: data.root=<the shard build's output folder (OUT)>")
-    if not storage.is_remote(root) and not Path(root).is_dir():
+    if relative and not storage.is_remote(root) and not Path(root).is_dir():
         raise PreflightError(
             f"data.root={root} does not exist: point data.root= at a shard build's output folder "
             "(`make shards` writes out/demo)"
@@ -43,8 +44,13 @@ def check_inputs(config: TrainConfig) -> None:
         raise PreflightError(f"data.root={root}: {exc}") from exc
     if not shards:
         raise PreflightError(f"data.root={root}: no {config.data.split!r} shards")
-    weights = config.model.weights_dir
-    if weights and config.model.profile == "full" and not Path(weights).is_dir():
+    weights = config.model.weights_dir or os.environ.get("WEIGHTS_DIR")
+    if config.model.profile == "full" and not weights:
+        raise PreflightError(
+            "model.profile=full needs the real weights: model.weights_dir=<folder> (or $WEIGHTS_DIR); "
+            "model.profile=tiny trains random tiny models (--config configs/train/tiny.yaml)"
+        )
+    if config.model.profile == "full" and not Path(weights).is_dir():
         raise PreflightError(
             f"model.weights_dir={weights} does not exist: `python -m pipeline weights fetch --for train "
             f"--weights-dir {weights}` downloads the weights"
