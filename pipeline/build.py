@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
-from pipeline import __version__, storage
+from pipeline import __version__, logs, storage
 from pipeline.config import BuildConfig
 from pipeline.manifest import build_manifest
 from pipeline.sources import ScanResult, SourceError, scan_source
@@ -374,7 +373,7 @@ def _run_dag(
     failures: list[dict[str, str]] = []
     seen: set[str] = set()
     dataset = build_dataset(todo, config, shards_dir, fence, stage_context)
-    with tqdm(total=len(todo), unit="sample", desc="shards", disable=not progress) as bar:
+    with logs.progress(len(todo), "shards", "sample", enabled=progress) as bar:
         for row in dataset.iter_rows():
             seen.add(str(row["key"]))
             if row["status"] == "failed":

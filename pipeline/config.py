@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,12 +192,26 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def did_you_mean(unknown: list[str], known: set[str]) -> str:
+    """' (did you mean ...?)' naming the closest known key of each misspelt one; '' when none is close."""
+    guesses = {}
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        if close:
+            guesses[key] = close[0]
+    if not guesses:
+        return ""
+    return " (did you mean " + ", ".join(f"{v!r} for {k!r}" for k, v in guesses.items()) + "?)"
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+        raise ValueError(
+            f"{where}: unknown keys {unknown}{did_you_mean(unknown, names)}; known: {sorted(names)}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 

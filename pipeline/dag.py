@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline.config import BuildConfig, StageConfig
+from pipeline.logs import quiet_ray, ray_init_kwargs
 from pipeline.resources import Demand, require
 from pipeline.rows import guarded
 from pipeline.segment import decode_segment
@@ -30,6 +32,19 @@ from pipeline.video import EncodeSettings
 from pipeline.writer import as_writer_row, encode_members, write_shard_batch
 
 log = logging.getLogger(__name__)
+
+
+def map_on_actor_pool(
+    ds: ray.data.Dataset, udf: type, compute: ActorPoolStrategy, max_task_retries: int, **kwargs: Any
+) -> ray.data.Dataset:
+    """ds.map_batches(udf) on an actor pool whose tasks are retried at most `max_task_retries` times.
+
+    Ray Data replaces a dead actor by default (max_restarts=-1) but retries its tasks forever; a bounded
+    retry has no named parameter in Ray 2.60, only **ray_remote_args, which warns that it is deprecated
+    (the named replacement does not exist yet). That one warning is silenced here, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=Warning)
+        return ds.map_batches(udf, compute=compute, max_task_retries=max_task_retries, **kwargs)
 
 
 def init_ray(num_cpus: int | None, log_to_driver: bool = False) -> None:
@@ -41,12 +56,18 @@ def init_ray(num_cpus: int | None, log_to_driver: bool = False) -> None:
     """
     if ray.is_initialized():
         return
+    quiet_ray()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, **ray_init_kwargs())
         return
     from pipeline.ray_head import start_head
 
-    ray.init(address=start_head(num_cpus), _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
+    ray.init(
+        address=start_head(num_cpus),
+        _node_ip_address="127.0.0.1",
+        log_to_driver=log_to_driver,
+        **ray_init_kwargs(),
+    )
 
 
 def _decode_step(config: BuildConfig):
@@ -204,13 +225,13 @@ def annotate(ds: ray.data.Dataset, config: BuildConfig, context: dict[str, Any])
     """The annotator pools of plan_pools applied to decoded rows."""
     for pool in plan_pools(config):
         udf, kwargs = _pool_udf(pool, context)
-        ds = ds.map_batches(
+        ds = map_on_actor_pool(
+            ds,
             udf,
-            compute=ActorPoolStrategy(size=pool.size),
+            ActorPoolStrategy(size=pool.size),
             batch_size=pool.batch_size,
             num_gpus=pool.num_gpus,
             num_cpus=pool.num_cpus,
-            max_restarts=-1,  # a dead actor is replaced, so the pool keeps its size
             max_task_retries=pool.max_task_retries,
             fn_constructor_kwargs=kwargs,
         )

@@ -243,18 +243,20 @@ def _embed_on_ray(jobs: list[tuple[str, pd.DataFrame]], embedder: dict, pool: Ba
     import ray
     from ray.data import ActorPoolStrategy
 
+    from pipeline.dag import map_on_actor_pool
+
     require(pool.demand(), pool.resource_wait_s)
     items = [{"identity": identity, "segments": pickle.dumps(segments)} for identity, segments in jobs]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pool.batch_size)))
-    embedded = dataset.map_batches(
+    embedded = map_on_actor_pool(  # a lost actor (node loss, OOM) is replaced, its tasks retried
+        dataset,
         IdentityEmbedder,
+        ActorPoolStrategy(size=pool.size),
+        pool.max_task_retries,
         fn_constructor_kwargs={**embedder, "gpu_share": pool.num_gpus},
-        compute=ActorPoolStrategy(size=pool.size),
         batch_size=pool.batch_size,
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
-        max_restarts=-1,  # a lost actor (node loss, OOM) is replaced
-        max_task_retries=pool.max_task_retries,
     )
     entries = {}
     for row in embedded.iter_rows():

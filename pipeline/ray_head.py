@@ -29,13 +29,25 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 120.0  # RAY_START_TIMEOUT_S overrides it (a slow or busy machine)
 STOP_GRACE_S = 5.0  # for a clean ray.shutdown in the launcher; then what is left of its session is killed
 
 
 def state_dir() -> Path:
     """Where heads are recorded: next to Ray's own session folders (RAY_TMPDIR, else /tmp)."""
     return Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "pipeline-heads"
+
+
+class RayStartFailed(RuntimeError):
+    """The local Ray head did not come up (the CLI prints the message alone, no traceback)."""
+
+
+def start_timeout_s() -> float:
+    value = os.environ.get("RAY_START_TIMEOUT_S", "")
+    try:
+        return float(value) if value else START_TIMEOUT_S
+    except ValueError as exc:
+        raise RayStartFailed(f"RAY_START_TIMEOUT_S={value!r}: expected seconds, e.g. 300") from exc
 
 
 @dataclass
@@ -124,18 +136,21 @@ def reap_dead_builds() -> int:
 
 
 def _wait_for_address(head: subprocess.Popen, state: Path, log_path: Path) -> str:
-    deadline = time.monotonic() + START_TIMEOUT_S
+    timeout_s = start_timeout_s()
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError):
             gcs = json.loads(state.read_text()).get("gcs")
             if gcs:
                 return gcs
         if head.poll() is not None:
-            raise RuntimeError(
-                f"the local Ray head exited with {head.returncode}: {log_path.read_text()[-3000:]}"
-            )
+            tail = log_path.read_text()[-3000:].strip()
+            raise RayStartFailed(f"the local Ray head exited with {head.returncode} while starting: {tail}")
         time.sleep(0.05)
-    raise TimeoutError(f"the local Ray head did not start within {START_TIMEOUT_S:g} s; see {log_path}")
+    raise RayStartFailed(
+        f"the local Ray head timed out: not started within {timeout_s:g} s (a busy machine starts it slowly). "
+        f"Raise the limit and rerun: RAY_START_TIMEOUT_S={max(300, 2 * timeout_s):g} <the same command>"
+    )
 
 
 def _token_auth_as_ray_init_would() -> None:

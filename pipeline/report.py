@@ -22,6 +22,28 @@ NOTEBOOK = REPO / "notebooks" / "shard_stats.ipynb"
 OUT_CELL = 1  # the code cell that sets OUT
 
 
+def weights_note(out: str | os.PathLike) -> str:
+    """Whether the build's annotations (masks, gaze, swaps, styles) come from real or random-weight models
+    (build.json's profile), in words for the report."""
+    import json
+
+    path = storage.join(str(out), "build.json")
+    try:
+        build = json.loads(storage.read_bytes(path))
+        profile, stages = build["config"]["profile"], [s["name"] for s in build["config"]["stages"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"annotation models: unknown (no readable {path})"
+    if not stages:
+        return "annotation models: none (stages=[]): no masks, gaze, swaps or styles"
+    if profile == "tiny":
+        return (
+            f"annotation models: RANDOM WEIGHTS (profile=tiny) for {', '.join(stages)}: the masks, gaze, swaps "
+            "and styles show the plumbing only, not real annotations; real ones need profile=full "
+            "(make weights, then make shards)"
+        )
+    return f"annotation models: real weights (profile={profile}) for {', '.join(stages)}"
+
+
 def run_report(out: str | os.PathLike, html: str | os.PathLike | None = None, timeout: float = 600) -> str:
     """Execute the notebook on the build in `out` and write it with its outputs as HTML (default:
     OUT/shard_stats.html, on the same storage). A cell that fails stops the report with its error."""
@@ -34,7 +56,7 @@ def run_report(out: str | os.PathLike, html: str | os.PathLike | None = None, ti
     if cell.cell_type != "code" or "OUT = " not in cell.source:
         raise ValueError(f"{NOTEBOOK}: cell {OUT_CELL} no longer sets OUT")
     cell.source = f"OUT = {out!r}"
-    log.info("executing %s on %s", NOTEBOOK.name, out)
+    log.info("executing %s on %s; %s", NOTEBOOK.name, out, weights_note(out))
     NotebookClient(
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
     ).execute()

@@ -107,6 +107,10 @@ def test_demo_build_meets_the_contract_and_a_rerun_writes_nothing(tmp_path: Path
     assert manifest.groupby(["dataset", "clip_id"])["segment"].max().max() >= 1  # long clips were split
     assert len(pd.read_parquet(out / "failures.parquet")) == 0
     assert "samples written" in result.stderr
+    # A log a person reads (nohup, Slurm): our lines, no Ray progress blocks, memory or C++ warnings.
+    log = (result.stdout + result.stderr).splitlines()
+    assert len(log) < 60, "\n".join(log)
+    assert not [line for line in log if "RayDeprecationWarning" in line or "logging_progress" in line], log
     # Every annotator of the demo ran on every sample of its bucket, and only there.
     stages = {s.name: get_stage(s.name).buckets for s in load_build_config("demo").stages}
     assert {"face_mask", "foreground", "gaze", "swap", "stylise"} <= set(stages)

@@ -6,8 +6,19 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
-from train.config import load_train_config
+from pipeline.logs import setup_logging
+from train.config import TrainConfig, load_train_config
+
+log = logging.getLogger("train")
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # as python -m pipeline: a fixable input, Ctrl-C
+
+
+def _launch(config: TrainConfig) -> Any:
+    from train.ray_train import launch  # Ray and torch only once the config is known to be valid
+
+    return launch(config)
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
@@ -19,9 +30,12 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         "--config", action="append", default=[], help="a YAML overlay; repeatable, later wins"
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--verbose", action="store_true", help="Ray's own log lines too (else in Ray's log folder)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value, dotted for sections: data.batch_size=2")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=args.verbose)
     try:
         config = load_train_config(stage, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:
@@ -30,9 +44,21 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         json.dump(config.to_dict(), sys.stdout, indent=2)
         print()
         return 0
-    from train.ray_train import launch  # Ray and torch only once the config is known to be valid
+    from pipeline.ray_head import RayStartFailed
+    from pipeline.resources import ResourceShortfall
+    from train.preflight import PreflightError
 
-    result = launch(config)
+    try:
+        result = _launch(config)
+    except KeyboardInterrupt:
+        log.error(
+            "interrupted: checkpoints up to the last one are kept under %s/%s; run the same command to resume",
+            config.storage_path, config.name,
+        )  # fmt: skip
+        return EXIT_INTERRUPTED
+    except (PreflightError, ResourceShortfall, RayStartFailed, FileNotFoundError) as error:
+        log.error("%s", error)
+        return EXIT_USAGE
     if result.error:
         logging.getLogger("train").error("training failed: %s", result.error)
         return 1

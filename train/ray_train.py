@@ -60,6 +60,7 @@ from train.loop import (
     unwrap,
     wrap_model,
 )
+from train.preflight import preflight
 from train.validation import held_out_metrics, write_validation_video
 
 log = logging.getLogger("train")
@@ -404,6 +405,7 @@ def prepare(config: TrainConfig) -> TrainConfig:
 def launch(config: TrainConfig) -> ray.train.Result:
     """Run the training described by config on the current Ray cluster (a loopback one when none)."""
     config = prepare(config)
+    preflight(config)  # the inputs and the cluster's resources, before Ray Train asks for workers
     init_ray(None, log_to_driver=True)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = TorchTrainer(

@@ -200,11 +200,53 @@ def require_weights(
     """Raise one MissingWeights listing every missing or wrong file."""
     problems = check_weights(weights_dir, names, verify_hash, manifest)
     if problems:
+        specs = load_weight_specs(manifest)
+        groups = group_by_entry(problems)
         raise MissingWeights(
-            f"{len(problems)} weights file(s) missing or wrong:\n  "
-            + "\n  ".join(problems)
-            + f"\n(`python -m pipeline weights fetch --weights-dir {weights_dir}` downloads and verifies them)"
+            f"{len(problems)} weights file(s) missing or wrong under {weights_dir}, by manifest entry:\n  "
+            + "\n  ".join(_group_lines(groups, specs))
+            + f"\nFetch and verify them: {fetch_command(weights_dir, [specs[n] for n in groups if n in specs])}"
         )
+
+
+def group_by_entry(problems: list[str]) -> dict[str, list[str]]:
+    """{entry: its problems without the 'entry: ' prefix}, in the order met."""
+    groups: dict[str, list[str]] = {}
+    for problem in problems:
+        entry, _, rest = problem.partition(": ")
+        groups.setdefault(entry, []).append(rest)
+    return groups
+
+
+def _group_lines(groups: dict[str, list[str]], specs: dict[str, WeightFile]) -> list[str]:
+    """One line per entry with one problem; else a header (with the entry's how-to-get, once) and a line
+    per file."""
+    lines = []
+    for entry, items in groups.items():
+        if len(items) == 1:
+            lines.append(f"{entry}: {items[0]}")
+            continue
+        hint = _how_to_get(specs[entry]) if entry in specs else ""
+        files = [item.removesuffix(hint) if hint else item for item in items]
+        lines.append(f"{entry} ({len(items)} files){hint}:" + "".join(f"\n    {item}" for item in files))
+    return lines
+
+
+def fetch_command(weights_dir: Path, entries: list[WeightFile]) -> str:
+    """The `weights fetch` command that gets `entries`: `--for` the job they all serve (build, train,
+    eval) or their names, and `--accept-licence` for each restricted one."""
+    common = set.intersection(*(set(e.jobs) for e in entries)) if entries else set()
+    wanted = next((job for job in ("build", "train", "eval") if job in common), None)
+    words = [wanted] if wanted else [e.name for e in entries]
+    command = f"python -m pipeline weights fetch --for {' '.join(words)} --weights-dir {weights_dir}"
+    restricted = [entry.name for entry in entries if entry.restricted]
+    for name in restricted:
+        command += f" --accept-licence {name}"
+    if restricted:
+        command += (
+            f" (accepts the non-commercial / research-only licence of {', '.join(restricted)}: read it first)"
+        )
+    return command
 
 
 def verify_files(weights_dir: Path, names: Iterable[str], manifest: Path | None = None) -> list[str]:
