@@ -92,7 +92,7 @@ def test_bf16_latents_take_half_the_bytes_within_bf16_rounding(
     assert stored["bf16"].dtype == torch.bfloat16 and stored["fp32"].dtype == torch.float32
     assert stored["bf16"].element_size() * 2 == stored["fp32"].element_size()
     relative = (stored["bf16"].float() - stored["fp32"]).abs() / stored["fp32"].abs().clamp(min=1e-12)
-    assert float(relative.max()) <= 2**-8  # bf16 keeps 8 significant bits: round-to-nearest is within 2^-9
+    assert float(relative.max()) <= 2**-8  # bf16 keeps 8 significant bits: rounding is within 2^-8
 
 
 def test_the_command_says_when_there_is_nothing_to_encode(
