@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from shard_helpers import write_synthetic_shards
 
+from pipeline import storage
 from pipeline.__main__ import EXIT_OK, EXIT_USAGE, main
 from pipeline.latents import LATENT_DIR, LATENT_MEMBER, latent_paths, load_vae, run_latents
 from pipeline.writer import STATS_SUFFIX
@@ -126,3 +127,28 @@ def test_the_command_encodes_and_a_rerun_has_nothing_left(
     before = [m.stat().st_mtime_ns for m in markers]
     assert main(args) == EXIT_OK
     assert [m.stat().st_mtime_ns for m in markers] == before
+
+
+@pytest.mark.slow
+def test_on_an_object_store_the_pass_commits_and_the_trainer_reads_the_cache(
+    shards: Path, weights: Path
+) -> None:
+    from s3_helpers import aws_environment, moto_server, object_keys, s3_client
+
+    from train.data import DataConfig, fixed_batch
+
+    with moto_server() as endpoint, aws_environment(endpoint):
+        s3_client().create_bucket(Bucket="latents-test")
+        root = "s3://latents-test/out"
+        storage.upload_tree(shards, f"{root}/shards")
+        vae = load_vae("tiny", str(weights))
+        summary = run_latents([f"{root}/shards"], vae, torch.device("cpu"))
+        assert len(summary.encoded) == 2 and not summary.failed
+        latent_objects = object_keys("latents-test", "out/shards/latents/")
+        assert len(latent_objects) == 4  # two tars and their markers, nothing else
+        config = DataConfig(
+            root=root, num_frames=3, stride=1, resolution=64, num_workers=0, latents="required"
+        )
+        batch = fixed_batch(config, 2)
+        assert batch["target_latents"].shape == (2, 3, 4, 8, 8)
+        assert run_latents([f"{root}/shards"], vae, torch.device("cpu")).encoded == []
