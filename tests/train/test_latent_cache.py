@@ -13,6 +13,7 @@ from shard_helpers import write_synthetic_shards
 from model.loading import build_megactor
 from model.megactor import MegActor
 from pipeline.latents import latent_paths, load_vae, run_latents
+from train.config import load_train_config
 from train.data import DataConfig, fixed_batch, list_shards
 from train.loop import evaluation_loss, to_model_batch
 
@@ -107,5 +108,8 @@ def test_latents_of_another_vae_are_refused(cached_root: Path, model: MegActor) 
 
 
 def test_data_latents_takes_three_modes() -> None:
+    assert load_train_config("stage1").data.latents == "auto"
+    overridden = load_train_config("stage1", ["configs/train/tiny.yaml"], ["data.latents=required"])
+    assert overridden.data.latents == "required"
     with pytest.raises(ValueError, match="data.latents"):
-        DataConfig(latents="sometimes")
+        load_train_config("stage1", overrides=["data.latents=sometimes"])
