@@ -67,15 +67,23 @@ def latent_paths(shard: str) -> tuple[str, str]:
     return storage.join(folder, f"{name}.tar"), storage.join(folder, f"{name}{STATS_SUFFIX}")
 
 
-def read_marker(shard: str) -> dict[str, Any] | None:
-    """The latent marker of a shard; None when the shard has no committed latents."""
+def read_marker(shard: str, listed: set[str] | None = None) -> dict[str, Any] | None:
+    """The latent marker of a shard; None when the shard has no committed latents. `listed`: the names
+    in its latent folder, when the caller listed it once for many shards (no request per absent marker)."""
     _, marker = latent_paths(shard)
-    if not storage.exists(marker):
+    present = storage.name_of(marker) in listed if listed is not None else storage.exists(marker)
+    if not present:
         return None
     stats = read_json(marker, "delete it and rerun python -m pipeline latents")
     if not isinstance(stats, dict):
         raise ValueError(f"{marker}: a json {type(stats).__name__}, expected an object")
     return stats
+
+
+def listed_latents(shards: list[str]) -> dict[str, set[str]]:
+    """{shard folder: names in its latent folder}, one listing per folder."""
+    folders = {storage.parent_of(shard) for shard in shards}
+    return {folder: set(storage.list_names(latent_folder(folder))) for folder in folders}
 
 
 @dataclass
@@ -277,6 +285,7 @@ def run_latents(
             continue
         if marker is not None:
             log.info("%s: cached with other settings (%s): encoding again", shard, _settings_of(marker))
+            storage.delete(latent_paths(shard)[1])  # uncommitted first: the old marker never names new data
         try:
             marker = encode_shard(shard, vae, settings, device, chunk)
         except (OSError, ValueError, tarfile.TarError) as exc:

@@ -227,9 +227,10 @@ def latent_sources(config: DataConfig, shards: list[str]) -> dict[str, dict[str,
     if config.latents == "off":
         return {}
     sources, missing, other = {}, [], []
+    listed = latent_cache.listed_latents(shards)
     for shard in shards:
         tar, marker_path = latent_cache.latent_paths(shard)
-        marker = latent_cache.read_marker(shard)
+        marker = latent_cache.read_marker(shard, listed[storage.parent_of(shard)])
         if marker is None:
             missing.append(marker_path)
         elif marker.get("resolution") != config.resolution:

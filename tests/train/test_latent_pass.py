@@ -73,6 +73,9 @@ def test_a_killed_pass_leaves_no_partial_file_and_a_rerun_finishes(
         assert Path(tar).stat().st_size == stats["bytes"]
     again = run_latents([str(folder)], vae, torch.device("cpu"))
     assert again.encoded == [] and len(again.cached) == 2
+    other = run_latents([str(folder)], vae, torch.device("cpu"), dtype="bf16")  # other settings: redone
+    assert other.encoded == [first, second]
+    assert json.loads(Path(latent_paths(first)[1]).read_text())["dtype"] == "bf16"
 
 
 def test_bf16_latents_take_half_the_bytes_within_bf16_rounding(
