@@ -23,9 +23,14 @@ TRAIN_OUT ?= out/train-demo
 ANIMATE_OUT ?= out/animate-demo
 # The URL jupyter prints opens the notebook itself, not the Launcher.
 NOTEBOOK_URL := /lab/tree/notebooks/shard_stats.ipynb
+DEVICE ?= auto
+# The VAE that encodes must be the trainer's: the demo trains the tiny profile (configs/train/tiny.yaml).
+LATENT_PROFILE ?= $(if $(filter demo,$(DATASET)),tiny,full)
+# The tiny overlay trains the 256 px demo at 64 px; other sets are cached at their own resolution.
+LATENT_RESOLUTION ?= $(if $(filter demo,$(DATASET)),64,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights shards shards-job train-demo animate-demo ray-up ray-down notebook report test test-fast lint format bench clean
+.PHONY: help setup weights shards shards-job latents train-demo animate-demo ray-up ray-down notebook report test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -53,6 +58,10 @@ shards: setup ## build shards and their gaze subset: DATASET=demo|vfhq|celebvhq 
 shards-job: setup ## the same build as a Ray Job: ray job submit to RAY_JOB_ADDRESS (default: make ray-up's head)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) --working-dir . -- \
 		python jobs/shards.py --dataset $(DATASET) --root $(abspath $(ROOT)) --out $(if $(findstring ://,$(OUT)),$(OUT),$(abspath $(OUT))) $(ARGS)
+
+latents: setup ## cache the VAE latents beside OUT's shards (resumable): DEVICE=cuda PROFILE=full|tiny ARGS='--dtype bf16'
+	$(BIN)/python -m pipeline latents --out $(OUT) --profile $(LATENT_PROFILE) --device $(DEVICE) \
+		$(if $(WEIGHTS_DIR),--weights-dir $(WEIGHTS_DIR),) $(if $(LATENT_RESOLUTION),--resolution $(LATENT_RESOLUTION),) $(ARGS)
 
 train-demo: setup ## tiny stage 1, then stage 2 from it, on the demo shards: ray job submit to a local head it starts and stops
 	test -f $(DEMO_OUT)/gaze/select.json || $(MAKE) shards DATASET=demo OUT=$(DEMO_OUT)

@@ -13,12 +13,13 @@ Data flow of one training step (shapes for B samples of F frames at H x W pixels
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DConditionModel, UNetMotionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNetMotionModel
 from torch import nn
 
 from model.background import BackgroundEncoder
@@ -44,6 +45,9 @@ class MegActorBatch:
     background_mask: torch.Tensor  # (B, 1, H, W) 1 = background of the reference frame, 0 = person
     target: torch.Tensor | None = None  # (B, F, 3, H, W) ground-truth frames; or give target_latents
     target_latents: torch.Tensor | None = None  # (B, F, 4, h, w) already scaled by the VAE factor
+    reference_latent: torch.Tensor | None = None  # (B, 4, h, w) cached, scaled like target_latents
+    # vae_fingerprint() of the VAE that computed the cached latents; checked against this model's VAE
+    latent_vae: str | None = None
 
 
 @dataclass
@@ -115,6 +119,28 @@ def build_denoiser(unet: UNet2DConditionModel, motion_adapter: nn.Module) -> UNe
     return denoiser
 
 
+@torch.no_grad()
+def vae_encode(vae: AutoencoderKL, frames: torch.Tensor, scale: float, chunk: int = 8) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled posterior-mean latents (N, 4, h, w), float32.
+
+    Autocast off: under the trainer's bf16 autocast the convolutions would otherwise run in bf16, and
+    the clean latents the noise is added to would differ from latents cached offline in float32.
+    """
+    with torch.autocast(frames.device.type, enabled=False):
+        flat = frames.to(vae.dtype)
+        latents = [vae.encode(part).latent_dist.mean.float() for part in flat.split(chunk)]
+        return torch.cat(latents) * scale
+
+
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """A short hash of the VAE's weights and scaling factor: cached latents name the VAE that made them."""
+    digest = hashlib.sha256(repr(float(vae.config.scaling_factor)).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class MegActor(nn.Module):
     def __init__(self, config: MegActorConfig, components: Components) -> None:
         super().__init__()
@@ -162,11 +188,26 @@ class MegActor(nn.Module):
 
         Uses the posterior mean, not a sample: deterministic, so latents cached by a data pipeline and
         latents computed here agree (the posterior std of sd-vae-ft-mse is tiny next to the latent scale).
-        Float32 whatever the VAE ran in: the noise is added to these (see `forward`).
+        Float32 and outside any caller's autocast: the noise is added to these (see `forward`).
         """
-        flat = frames.flatten(0, 1).to(self.vae.dtype)
-        latents = [self.vae.encode(part).latent_dist.mean.float() for part in flat.split(chunk)]
-        return (torch.cat(latents) * self.latent_scale).unflatten(0, frames.shape[:2])
+        latents = vae_encode(self.vae, frames.flatten(0, 1), self.latent_scale, chunk)
+        return latents.unflatten(0, frames.shape[:2])
+
+    def vae_fingerprint(self) -> str:
+        """vae_fingerprint(self.vae), computed once (hashing the full VAE takes about a second)."""
+        if not hasattr(self, "_vae_fingerprint"):
+            self._vae_fingerprint = vae_fingerprint(self.vae)
+        return self._vae_fingerprint
+
+    def check_cached_latents(self, batch: MegActorBatch) -> None:
+        """Cached latents must come from this model's VAE (the same weights and scaling factor)."""
+        if batch.latent_vae is None or batch.latent_vae == self.vae_fingerprint():
+            return
+        raise ValueError(
+            f"the batch's cached latents were computed with VAE {batch.latent_vae}, this model's VAE is "
+            f"{self.vae_fingerprint()}: rebuild the cache with the training weights (python -m pipeline "
+            "latents --profile/--weights-dir as model.profile/model.weights_dir) or set data.latents=off"
+        )
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
@@ -176,9 +217,19 @@ class MegActor(nn.Module):
         return torch.cat(frames).clamp(-1, 1).unflatten(0, latents.shape[:2])
 
     @torch.no_grad()
-    def encode_condition(self, reference: torch.Tensor, background_mask: torch.Tensor) -> Condition:
-        """reference (B, 3, H, W), background_mask (B, 1, H, W) -> the per-clip conditioning."""
-        reference_latent = self.encode_frames(reference[:, None])[:, 0]  # (B, 4, h, w)
+    def encode_condition(
+        self,
+        reference: torch.Tensor,
+        background_mask: torch.Tensor,
+        reference_latent: torch.Tensor | None = None,
+    ) -> Condition:
+        """reference (B, 3, H, W), background_mask (B, 1, H, W) -> the per-clip conditioning.
+
+        reference_latent (B, 4, h, w): the reference's cached latent; encoded here when None.
+        """
+        if reference_latent is None:
+            reference_latent = self.encode_frames(reference[:, None])[:, 0]  # (B, 4, h, w)
+        reference_latent = reference_latent.float()
         # Area pooling keeps the fraction of background per latent cell, so thin borders survive.
         background_latent = F.interpolate(
             background_mask.float(), size=reference_latent.shape[-2:], mode="area"
@@ -226,11 +277,13 @@ class MegActor(nn.Module):
         the caller's bf16 autocast, which only reaches the networks: in bf16 the noise level at t = 0
         and 1 rounds to exactly 0 and only 14 distinct levels remain below t = 50.
         """
+        if batch.target_latents is not None or batch.reference_latent is not None:
+            self.check_cached_latents(batch)
         latents = (
             batch.target_latents if batch.target_latents is not None else self.encode_frames(batch.target)
         )
         batch_size, device = latents.shape[0], latents.device
-        condition = self.encode_condition(batch.reference, batch.background_mask)
+        condition = self.encode_condition(batch.reference, batch.background_mask, batch.reference_latent)
 
         def rand(*shape: int) -> torch.Tensor:
             return torch.rand(shape, generator=generator, device=device)

@@ -26,8 +26,10 @@ import cv2
 import numpy as np
 import torch
 import webdataset as wds
+from safetensors.torch import load as load_tensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import latents as latent_cache
 from pipeline import storage
 from pipeline.contract import (
     FACE_MASK,
@@ -56,6 +58,10 @@ SPLITS = ("train", "val", "test")
 # "window" = one of the num_frames window frames, the other num_frames - 1 being the targets (the paper).
 REFERENCE_SOURCES = ("segment", "window")
 UNSPLIT = "train"  # shards written before samples had a split: all of them were training data
+# Cached VAE latents (python -m pipeline latents): auto = use them for the shards that have them and
+# encode online elsewhere; required = every shard must have them; off = always encode online.
+LATENT_MODES = ("auto", "off", "required")
+LATENT_VAE = "__latent_vae__"  # raw-sample field: the fingerprint of the VAE that made its latents
 
 
 @dataclass
@@ -81,6 +87,7 @@ class DataConfig:
     # (2048² x 17 decoded frames is ~200 MB; the builder writes 512² segments of at most 240 frames).
     max_sample_resolution: int = 2048
     max_sample_frames: int = 4096
+    latents: str = "auto"  # LATENT_MODES
 
     def __post_init__(self) -> None:
         positive = ("num_frames", "stride", "resolution", "batch_size", "steps_per_epoch", "log_every")
@@ -94,6 +101,8 @@ class DataConfig:
             )
         if self.split not in SPLITS:
             raise ValueError(f"data.split: expected one of {SPLITS}, got {self.split!r}")
+        if self.latents not in LATENT_MODES:
+            raise ValueError(f"data.latents: expected one of {LATENT_MODES}, got {self.latents!r}")
         if self.reference not in REFERENCE_SOURCES:
             raise ValueError(f"data.reference: expected one of {REFERENCE_SOURCES}, got {self.reference!r}")
         if self.reference == "window" and self.num_frames < 2:
@@ -207,6 +216,45 @@ def _readable_splits(tars: list[str], markers: dict[str, str]) -> dict[str, str]
     return splits
 
 
+def latent_sources(config: DataConfig, shards: list[str]) -> dict[str, dict[str, str]]:
+    """{shard: {"latents": latent tar, "latent_vae": fingerprint}} of the shards whose cached latents the
+    trainer can use (committed, at data.resolution); {} with data.latents=off.
+
+    The targets and the reference are only resized, never augmented (train/augment.py jitters the
+    driving frames alone), so latents cached from the plain frames are what the online encode computes.
+    Raises FileNotFoundError naming every missing latent file with data.latents=required.
+    """
+    if config.latents == "off":
+        return {}
+    sources, missing, other = {}, [], []
+    listed = latent_cache.listed_latents(shards)
+    for shard in shards:
+        tar, marker_path = latent_cache.latent_paths(shard)
+        marker = latent_cache.read_marker(shard, listed[storage.parent_of(shard)])
+        if marker is None:
+            missing.append(marker_path)
+        elif marker.get("resolution") != config.resolution:
+            other.append(f"{marker_path} (resolution {marker.get('resolution')})")
+        else:
+            sources[shard] = {"latents": tar, "latent_vae": str(marker.get("vae"))}
+    unusable = missing + other
+    if unusable and config.latents == "required":
+        raise FileNotFoundError(
+            f"data.latents=required: {len(unusable)} of {len(shards)} shards have no cached latents at "
+            f"data.resolution {config.resolution}: " + ", ".join(unusable[:10])
+            + (f" and {len(unusable) - 10} more" if len(unusable) > 10 else "")
+            + ". Run python -m pipeline latents --out <data.root> --resolution "
+            f"{config.resolution} (make latents), or set data.latents=auto"
+        )  # fmt: skip
+    if unusable and sources:
+        log.info(
+            "cached latents for %d of %d shards; the others are encoded online", len(sources), len(shards)
+        )
+    elif sources:
+        log.info("cached latents for all %d shards", len(shards))
+    return sources
+
+
 def open_shards(
     src: Iterable[dict[str, Any]], handler: Callable[[BaseException], bool]
 ) -> Iterator[dict[str, Any]]:
@@ -222,15 +270,36 @@ def open_shards(
 
 
 class TarSamples:
-    """Pipeline stage: {"url"} -> raw samples {"__key__", "__url__", member: bytes} (a class: DataLoader
+    """Pipeline stage: {"url"[, "latents", "latent_vae"]} -> raw samples {"__key__", "__url__", member:
+    bytes}, each with its cached-latent member when the shard has a latent shard (a class: DataLoader
     workers are spawned, so the pipeline must pickle)."""
 
     def __init__(self, handler: Callable[[BaseException], bool]) -> None:
         self.handler = handler
 
-    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        files = wds.tariterators.tar_file_expander(open_shards(src, self.handler), handler=self.handler)
+    def _samples(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        files = wds.tariterators.tar_file_expander(open_shards(shards, self.handler), handler=self.handler)
         return wds.tariterators.group_by_keys(files, handler=self.handler)
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for shard in src:
+            samples = self._samples([shard])
+            yield from self._with_latents(samples, shard) if shard.get("latents") else samples
+
+    def _with_latents(
+        self, samples: Iterator[dict[str, Any]], shard: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        """The shard's samples joined with its latent shard, read alongside: the latent shard holds the
+        same keys in the same order, less the samples the pass could not decode."""
+        cached = self._samples([{"url": shard["latents"]}])
+        pending = next(cached, None)
+        for sample in samples:
+            if pending is not None and pending.get("__key__") == sample.get("__key__"):
+                if latent_cache.LATENT_MEMBER in pending:
+                    sample[latent_cache.LATENT_MEMBER] = pending[latent_cache.LATENT_MEMBER]
+                    sample[LATENT_VAE] = shard["latent_vae"]
+                pending = next(cached, None)
+            yield sample
 
 
 def _mean_luma(frame: np.ndarray) -> float:
@@ -343,6 +412,12 @@ def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -
 
     start = rng.randint(0, length - config.span)
     indices = [start + config.stride * k for k in range(config.num_frames)]
+    cached_member = raw.get(latent_cache.LATENT_MEMBER) if config.latents != "off" else None
+    if cached_member is None and config.latents == "required":
+        raise SampleSkipped(
+            "missing_member",
+            f"{key}: no cached latents ({latent_cache.LATENT_MEMBER}), data.latents=required",
+        )
     with IndexedVideo(raw[REAL]) as real:
         if real.num_frames != length:
             raise ValueError(f"{key}: {REAL} holds {real.num_frames} frames, its json says {length}")
@@ -379,7 +454,12 @@ def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -
     size = config.resolution
     jitter = draw_jitter(rng, config.scale_jitter, config.aspect_jitter)
     background = ~resize_masks(foreground, size)  # (1, R, R) True = background
+    cached = {}
+    if cached_member is not None:
+        cached = cached_latents(cached_member, length, size, indices, reference_index, key)
+        cached["latent_vae"] = str(raw.get(LATENT_VAE))
     return {
+        **cached,
         "reference": model_pixels(resize_frames(reference[None], size))[0],  # (3, R, R)
         "driving": model_pixels(prepare_driving_frames(driving, face, size, jitter)),  # (F, 3, R, R)
         "background_mask": torch.from_numpy(background).float(),  # (1, R, R)
@@ -391,6 +471,19 @@ def decode_sample(raw: dict[str, Any], config: DataConfig, rng: random.Random) -
     }
 
 
+def cached_latents(
+    data: bytes, length: int, resolution: int, indices: list[int], reference_index: int, key: str
+) -> dict[str, torch.Tensor]:
+    """A latent member -> "target_latents" (F, 4, h, w) and "reference_latent" (4, h, w), float32."""
+    latents = load_tensors(data)[latent_cache.LATENT_TENSOR]
+    side = resolution // 8
+    if latents.ndim != 4 or latents.shape[0] != length or tuple(latents.shape[2:]) != (side, side):
+        raise ValueError(
+            f"{key}: cached latents {tuple(latents.shape)}, expected ({length}, C, {side}, {side})"
+        )
+    return {"target_latents": latents[indices].float(), "reference_latent": latents[reference_index].float()}
+
+
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     # One sample (batch_size 1, the 512² default) needs no copy.
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
@@ -399,6 +492,7 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 def collate(samples: list[dict[str, Any]], stats: dict[str, int]) -> dict[str, Any]:
     """Decoded samples -> one batch (see make_loader)."""
     return {
+        **_collate_latents(samples),
         "reference": _stack([s["reference"] for s in samples]),
         "driving": _stack([s["driving"] for s in samples]),
         "background_mask": _stack([s["background_mask"] for s in samples]),
@@ -408,6 +502,17 @@ def collate(samples: list[dict[str, Any]], stats: dict[str, int]) -> dict[str, A
         "reference_index": torch.tensor([s["reference_index"] for s in samples], dtype=torch.int64),
         "bucket": [s["bucket"] for s in samples],
         "stats": stats,
+    }
+
+
+def _collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cached latents of a batch whose samples all have them from one VAE; {} otherwise (encoded online)."""
+    if not all("target_latents" in s for s in samples) or len({s["latent_vae"] for s in samples}) != 1:
+        return {}
+    return {
+        "target_latents": _stack([s["target_latents"] for s in samples]),
+        "reference_latent": _stack([s["reference_latent"] for s in samples]),
+        "latent_vae": samples[0]["latent_vae"],
     }
 
 
@@ -488,10 +593,17 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(
-        self, urls: list[str], seed: int, epoch: int | SharedEpoch, rank: int, world_size: int
+        self,
+        urls: list[str],
+        seed: int,
+        epoch: int | SharedEpoch,
+        rank: int,
+        world_size: int,
+        latents: dict[str, dict[str, str]] | None = None,
     ) -> None:
         super().__init__()
         self.urls, self.seed, self.epoch, self.rank, self.world_size = urls, seed, epoch, rank, world_size
+        self.latents = latents or {}  # latent_sources()
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         worker, num_workers = _worker_slot()
@@ -503,7 +615,7 @@ class ShardStream(IterableDataset):
             rng.shuffle(order)
             for url in order:
                 if dealt % slots == slot:
-                    yield {"url": url}
+                    yield {"url": url, **self.latents.get(url, {})}
                 dealt += 1
 
 
@@ -594,10 +706,12 @@ def build_pipeline(
 ) -> wds.DataPipeline:
     """The stream of one rank, as DataLoader workers run it (each worker owns a copy of the stats)."""
     stats = StreamStats(rank, config.log_every)
+    shards = list_shards(config)
     return wds.DataPipeline(
-        # {"url"}: endless seeded shard passes, this (rank, worker) slot's share of them
-        ShardStream(list_shards(config), seed, epoch, rank, world_size),
-        # raw samples {"__key__", "real.mp4", "face.npz", ...}; unreadable tar data counted, then skipped
+        # {"url"[, "latents"]}: endless seeded shard passes, this (rank, worker) slot's share of them
+        ShardStream(shards, seed, epoch, rank, world_size, latent_sources(config, shards)),
+        # raw samples {"__key__", "real.mp4", "face.npz", ..., cached latents}; unreadable tar data
+        # counted, then skipped
         TarSamples(stats.tar_error),
         # raw samples, seeded buffer shuffle
         Shuffle(config.shuffle_buffer, seed, epoch, rank),
@@ -650,7 +764,9 @@ def make_loader(
     (F = num_frames, or num_frames - 1 with reference=window);
     "background_mask" (B, 1, H, W) 1 = background of the reference frame; "key", "bucket" lists;
     "frame_indices" (B, F) and "reference_index" (B,) int64; "stats" {name: count} since the previous
-    batch of the DataLoader worker that made it (sum them over batches, workers and ranks).
+    batch of the DataLoader worker that made it (sum them over batches, workers and ranks); where every
+    sample has cached latents (data.latents), "target_latents" (B, F, 4, h, w), "reference_latent"
+    (B, 4, h, w) float32 and "latent_vae" (the fingerprint of the VAE that made them).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
@@ -680,7 +796,9 @@ def fixed_batch(config: DataConfig, count: int, seed: int = 0, allow_fewer: bool
     rng = random.Random(seed)
     stats = StreamStats(rank=0, log_every=config.log_every)
     samples: list[dict[str, Any]] = []
-    raw_samples = wds.DataPipeline(wds.SimpleShardList(list_shards(config)), TarSamples(stats.tar_error))
+    shards = list_shards(config)
+    sources = latent_sources(config, shards)
+    raw_samples = TarSamples(stats.tar_error)([{"url": url, **sources.get(url, {})} for url in shards])
     for raw in raw_samples:
         stats.count("samples")
         try:

@@ -93,14 +93,21 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 
 
 def to_model_batch(batch: dict[str, Any], device: torch.device) -> MegActorBatch:
+    """A loader batch on `device`; with cached latents the target pixels stay behind (the model reads
+    the latents instead, so the VAE does not run on the targets or the reference)."""
+
     def move(name: str) -> torch.Tensor:
         return batch[name].to(device, non_blocking=True)
 
+    cached = "target_latents" in batch
     return MegActorBatch(
         reference=move("reference"),
         driving=move("driving"),
         background_mask=move("background_mask"),
-        target=move("target"),
+        target=None if cached else move("target"),
+        target_latents=move("target_latents") if cached else None,
+        reference_latent=move("reference_latent") if "reference_latent" in batch else None,
+        latent_vae=batch.get("latent_vae"),
     )
 
 
