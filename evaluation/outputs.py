@@ -22,7 +22,7 @@ def write_metrics(out: Path, summary: dict[str, Any], frames: pd.DataFrame) -> N
 
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     """rows: setting (e.g. self / cross) -> its summary; one column per metric any setting reports, its
-    direction (↑ higher is better, ↓ lower) and unit in the header; FID / FVD cells carry their sample
+    unit and direction (↑ higher is better, ↓ lower) in the header (`psnr [dB] ↑`); FID / FVD cells carry their sample
     count N; PSNR's identical frames are counted below the table (their PSNR is infinite, so it is kept
     out of the means), and so is each clip that could not be scored, with the reason."""
     from evaluation.scoring import direction
@@ -30,7 +30,7 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     names = list(dict.fromkeys(name for summary in rows.values() for name in summary["metrics"]))
     units = {name: unit for summary in rows.values() for name, unit in summary.get("units", {}).items()}
     header = [
-        " ".join(filter(None, [name, direction(name), f"[{units[name]}]" if name in units else ""]))
+        " ".join(filter(None, [name, f"[{units[name]}]" if name in units else "", direction(name)]))
         for name in names
     ]
     lines = ["| setting | " + " | ".join(header) + " |", "|---" * (len(names) + 1) + "|"]

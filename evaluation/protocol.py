@@ -248,6 +248,7 @@ def shard_samples(benchmark: Benchmark, shards: str | None = None) -> dict[str, 
     """The raw shard samples (member bytes) of the protocol's clips, read from the shards that hold them."""
     import webdataset as wds
 
+    from pipeline.contract import FACE_MASK, FG_MASK, META, REAL, STYLE, SWAP
     from train.data import DataConfig, TarSamples, list_shards
 
     wanted = set(benchmark.keys) | {p["reference_clip"] for p in benchmark.cross_pairs}
@@ -259,10 +260,11 @@ def shard_samples(benchmark: Benchmark, shards: str | None = None) -> dict[str, 
         log.warning("unreadable shard data: %s", exc)
         return True
 
+    members = {META, REAL, SWAP, STYLE, FACE_MASK, FG_MASK}  # not gaze, not the rest of the shard
     found = {}
     for raw in wds.DataPipeline(wds.SimpleShardList(tars), TarSamples(unreadable)):
         if raw.get("__key__") in wanted:
-            found[raw["__key__"]] = raw
+            found[raw["__key__"]] = {k: v for k, v in raw.items() if k in members or k.startswith("__")}
     return found
 
 

@@ -4,6 +4,8 @@ skipped clips with their reason, ↑/↓ and units in results.md, labelled grid 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import subprocess
@@ -44,21 +46,38 @@ def evaluation_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProces
     )
 
 
+class Collected(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def protocol_file(
-    shards: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, subprocess.CompletedProcess]:
+def protocol_file(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """`protocol make` through the CLI's main (in this process: no second torch import): the file,
+    what it printed and what it logged."""
+    from evaluation.__main__ import main
+
     path = tmp_path_factory.mktemp("protocol") / "bench.json"
-    result = evaluation_cli(
-        "protocol", "make", "--shards", str(shards), "--split", "test", "--out", str(path),
-        "--num-clips", "4", "--num-frames", str(FRAMES), "--resolution", str(SIZE), "--backend", "dlib",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return path, result
+    handler, logger, stdout = Collected(), logging.getLogger("evaluation.protocol"), io.StringIO()
+    logger.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = main([
+                "protocol", "make", "--shards", str(shards), "--split", "test", "--out", str(path),
+                "--num-clips", "4", "--num-frames", str(FRAMES), "--resolution", str(SIZE), "--backend", "dlib",
+            ])  # fmt: skip
+    finally:
+        logger.removeHandler(handler)
+    assert code == 0
+    return path, stdout.getvalue(), "\n".join(handler.lines)
 
 
 def test_protocol_make_writes_clips_frames_pairs_and_hash(protocol_file) -> None:
-    path, result = protocol_file
+    path, printed, logged = protocol_file
     data = json.loads(path.read_text())
     usable = [KEYS[0], KEYS[1], KEYS[3]]
     assert [c["key"] for c in data["clips"]] == usable
@@ -76,11 +95,11 @@ def test_protocol_make_writes_clips_frames_pairs_and_hash(protocol_file) -> None
     assert metrics["distribution"]["name"] == "stylegan-v" and metrics["distribution"]["fvd_frames"] == 16
     assert metrics["resolution"] == SIZE and metrics["backend"] == "dlib" and "fvd" in metrics["names"]
     stored = data.pop("hash")
-    assert stored == content_hash(data) and stored in result.stdout
+    assert stored == content_hash(data) and stored in printed
     # --num-clips 4 gives 3: the short clip and the reason are named.
     assert data["excluded"] == {KEYS[2]: f"6 frames; {FRAMES} frames at stride 1 need {FRAMES}"}
-    assert f"clip {KEYS[2]} skipped: 6 frames" in result.stderr
-    assert "asked for 4 clips, the 'test' split has 3 usable" in result.stderr
+    assert f"clip {KEYS[2]} skipped: 6 frames" in logged
+    assert "asked for 4 clips, the 'test' split has 3 usable" in logged
 
 
 def test_protocol_file_round_trips_as_yaml_and_refuses_an_edit(protocol_file, tmp_path: Path) -> None:
@@ -160,7 +179,11 @@ def test_compare_protocol_scores_another_methods_videos(protocol_file, tmp_path:
     crossed = pd.read_parquet(out / "pairs.parquet")
     assert crossed["driving_clip"].tolist() == [pairs[0]["driving_clip"]]
     results = (out / "results.md").read_text()
-    assert "psnr ↑ [dB]" in results and "l1 ↓" in results and read_benchmark(path).hash in results
+    assert (
+        "psnr [dB] ↑" in results
+        and "l1 [1 (RGB in [0,1])] ↓" in results
+        and read_benchmark(path).hash in results
+    )
     assert f"self:{KEYS[3]} not scored: no prediction" in results
 
 
@@ -172,7 +195,7 @@ def test_results_table_gives_direction_and_unit_per_metric(tmp_path: Path) -> No
     target = np.full((2, 16, 16, 3), 100, np.uint8)
     table = markdown_table({"self": evaluator.summarise([evaluator.score_clip(target + 10, target)])})
     header = table.splitlines()[0]
-    for cell in ("psnr ↑ [dB]", "ssim ↑ [1]", "l1 ↓ [1 (RGB in [0,1])]", "psnr_frames ↑ [dB]"):
+    for cell in ("psnr [dB] ↑", "ssim [1] ↑", "l1 [1 (RGB in [0,1])] ↓", "psnr_frames [dB] ↑"):
         assert cell in header, header
 
 
