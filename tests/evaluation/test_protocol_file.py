@@ -139,7 +139,7 @@ def test_compare_protocol_scores_another_methods_videos(protocol_file, tmp_path:
     """clip30: the ground truth shifted 2 px right (scored); clip31: 4 frames (too short); clip33: no
     video; one cross video. Both commands' outputs: the protocol hash in metrics.json, per-clip errors,
     the frames scored are the protocol's frames, progress lines and the results line."""
-    path, _ = protocol_file
+    path = protocol_file[0]
     truth = np.stack([synthetic_frame(t, SIZE) for t in range(FRAMES)])
     shifted = np.roll(truth, 2, axis=2)
     pred_dir = tmp_path / "method"
