@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 
 from pipeline.video import read_video_frames
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -50,3 +53,21 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def warn_aspect(frames: np.ndarray, height: int, width: int, what: str = "frames") -> np.ndarray:
+    """frames as they are, with a warning when resizing them to height x width changes their aspect
+    ratio (a non-square video squared to a square one stretches its faces: every face metric changes)."""
+    source_height, source_width = frames.shape[1:3]
+    if abs(source_width / source_height - width / height) > 0.01:
+        kind = "squared" if height == width else "stretched"
+        log.warning(
+            "%s is %dx%d, %s to %dx%d to be scored: its faces are distorted; crop it to %dx%d's aspect ratio first",
+            what, source_width, source_height, kind, width, height, width, height,
+        )  # fmt: skip
+    return frames
+
+
+def fit_frames(frames: np.ndarray, height: int, width: int, what: str = "frames") -> np.ndarray:
+    """frames resized to height x width (see warn_aspect)."""
+    return resize_frames(warn_aspect(frames, height, width, what), height, width)

@@ -45,6 +45,14 @@ UNITS = {
     "akd": "px (evaluation resolution)", "apd": "deg", "aed": "1 (residual / RMS radius)", "gaze": "deg",
     "fid": "1", "fvd": "1",
 }  # fmt: skip
+# Which way is better: "↑" higher, "↓" lower; a baseline (id_leak_base) has no direction.
+BETTER = {"psnr": "↑", "ssim": "↑", "csim": "↑", "id_leak_base": ""}
+LOWER_IS_BETTER = "↓"
+
+
+def direction(name: str) -> str:
+    """↑ or ↓ for a metric name (psnr_frames and fvd_n<N> as their base metric), '' for a baseline."""
+    return BETTER.get(_base_name(name), LOWER_IS_BETTER)
 
 
 def frames_name(name: str) -> str:

@@ -58,20 +58,29 @@ def test_training_validation_metrics_on_held_out_clips(model_dir: Path, shards: 
 
 
 @pytest.mark.slow
-def test_run_scores_a_checkpoint_on_held_out_clips(
+def test_run_scores_a_checkpoint_on_a_protocol_file(
     tmp_path: Path, tiny_eval_weights: Path, model_dir: Path, shards: Path
 ) -> None:
+    """run --protocol FILE: the file's clips, frames, pairs and backend; one progress line per clip, the
+    results line last, the file's hash in metrics.json, labelled grid panels."""
+    from evaluation.protocol import make_benchmark, write_benchmark
+
+    benchmark = make_benchmark(str(shards), "test", num_clips=2, num_frames=4, resolution=64, backend="dlib")
+    write_benchmark(benchmark, tmp_path / "bench.json")
     out = tmp_path / "eval"
     cmd = [
         sys.executable, "-m", "evaluation", "run", "--checkpoint", str(model_dir / "megactor"),
-        "--model-weights-dir", str(model_dir), "--shards", str(shards), "--split", "test", "--num-clips", "2",
-        "--num-frames", "4", "--stride", "1", "--steps", "2", "--resolution", "64", "--cross",
-        "--backend", "dlib", "--weights-dir", str(tiny_eval_weights), "--device", "cpu", "--out", str(out),
+        "--model-weights-dir", str(model_dir), "--protocol", str(tmp_path / "bench.json"), "--steps", "2",
+        "--weights-dir", str(tiny_eval_weights), "--device", "cpu", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["clips"] == ["synthetic__clip10__s000", "synthetic__clip11__s000"]  # test split only
+    assert summary["protocol_file"]["hash"] == benchmark.hash and summary["self"]["backend"] == "dlib"
+    assert result.stdout.strip().splitlines()[-1] == f"results: {out / 'results.md'}"
+    for number, name in enumerate(["self:synthetic__clip10__s000", "self:synthetic__clip11__s000"], 1):
+        assert f"clip {number}/4 {name}: done" in result.stderr
     for setting in ("self", "cross"):
         metrics, skipped = summary[setting]["metrics"], summary[setting]["skipped"]
         for name, value in metrics.items():  # a number, or a recorded reason
