@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evaluation import backbones, face_metrics, pixel
+from evaluation import backbones, expression, face_metrics, pixel
 from evaluation.distribution import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
@@ -31,7 +31,9 @@ from evaluation.perceptual import lpips_distance
 log = logging.getLogger(__name__)
 
 RECONSTRUCTION = ("psnr", "ssim", "l1", "lpips")
-FACE = ("csim", "id_leak", "akd", "apd", "aed", "gaze")
+FACE = ("csim", "id_leak", "akd", "apd", "aed", "apd_landmark", "aed_landmark", "gaze")
+# aed / apd: MediaPipe coefficients (evaluation/expression.py); the _landmark pair: the face backend's.
+EXPRESSION = ("aed", "apd")
 PER_PAIR = ("id_leak_base", "id_leak_norm")  # one value per (reference, driver) pair
 DISTRIBUTION = ("fid", "fvd")
 PER_FRAME = RECONSTRUCTION + FACE
@@ -42,7 +44,9 @@ MIN_IDENTITY_GAP = 1e-3
 UNITS = {
     "psnr": "dB", "ssim": "1", "l1": "1 (RGB in [0,1])", "lpips": "1", "csim": "cosine",
     "id_leak": "cosine", "id_leak_base": "cosine", "id_leak_norm": "1 (0: reference-driver level, 1: driver)",
-    "akd": "px (evaluation resolution)", "apd": "deg", "aed": "1 (residual / RMS radius)", "gaze": "deg",
+    "akd": "px (evaluation resolution)", "gaze": "deg",
+    "aed": "1 (mean |Δ| MediaPipe blendshape score)", "apd": "1 (mean |Δ| rotation-matrix entry, not deg)",
+    "aed_landmark": "1 (residual / RMS radius)", "apd_landmark": "deg",
     "fid": "1", "fvd": "1",
 }  # fmt: skip
 # Which way is better: "↑" higher, "↓" lower; a baseline (id_leak_base) has no direction.
@@ -108,6 +112,10 @@ class Evaluator:
             face_backend = make_backend(self.backend, self.weights_dir, self.device)
             self.weights.update(face_backend.weights)
             return face_backend
+        if name == "expression":
+            landmarker = expression.load_landmarker(self.weights_dir)
+            self.weights.update(landmarker.weights)
+            return landmarker
         if self.weights_dir is None:
             raise FileNotFoundError(f"{name} reads its weights from WEIGHTS_DIR: pass --weights-dir")
         if name == "gaze":
@@ -182,6 +190,7 @@ class Evaluator:
                     i3d_features(i3d, protocol_clip(v, self.rules), self.torch_device) for v in (pred, target)
                 ]
         pair = self._score_faces(pred, reference, driving, table, skipped, cross=target is None)
+        self._score_expression(pred, driving, table, skipped)
         frames = pd.DataFrame(table).assign(clip=clip)
         return ClipScores(clip, frames, features, skipped, pair, too_short)
 
@@ -211,7 +220,7 @@ class Evaluator:
         else:
             skipped["csim"] = "no reference image and no target to take it from"
         if driving is None:
-            for name in ("id_leak", "akd", "apd", "aed", "gaze", *PER_PAIR):
+            for name in ("id_leak", "akd", "apd_landmark", "aed_landmark", "gaze", *PER_PAIR):
                 skipped[name] = "no driving or target video"
             return {}
         drive = faces.analyse(driving)
@@ -222,8 +231,8 @@ class Evaluator:
             )
         else:
             table["akd"] = face_metrics.keypoint_distance(analysed.landmarks, drive.landmarks)
-        table["apd"] = face_metrics.pose_distance(analysed.pose, drive.pose)
-        table["aed"] = face_metrics.expression_distance(analysed.shape, drive.shape)
+        table["apd_landmark"] = face_metrics.pose_distance(analysed.pose, drive.pose)
+        table["aed_landmark"] = face_metrics.expression_distance(analysed.shape, drive.shape)
         driver_identity = face_metrics.identity_of(drive.embeddings)
         table["id_leak"] = face_metrics.cosine_to(analysed.embeddings, driver_identity)
         if (gaze := self.model("gaze")) is not None:
@@ -231,6 +240,23 @@ class Evaluator:
                 gaze.predict(pred, analysed.boxes), gaze.predict(driving, drive.boxes)
             )
         return self._leak_baseline(table["id_leak"], reference_identity, driver_identity, cross, skipped)
+
+    def _score_expression(
+        self,
+        pred: np.ndarray,
+        driving: np.ndarray | None,
+        table: dict[str, np.ndarray],
+        skipped: dict[str, str],
+    ) -> None:
+        """AED / APD from MediaPipe's blendshapes and transformation matrices, generated against driving."""
+        if driving is None:
+            skipped.update(dict.fromkeys(EXPRESSION, "no driving or target video"))
+            return
+        if (landmarker := self.model("expression")) is None:
+            return
+        ours, theirs = landmarker.analyse(pred), landmarker.analyse(driving)
+        table["aed"] = expression.blendshape_distance(ours.blendshapes, theirs.blendshapes)
+        table["apd"] = expression.rotation_distance(ours.transforms, theirs.transforms)
 
     @staticmethod
     def _leak_baseline(
@@ -357,6 +383,8 @@ class Evaluator:
 
     def _reason_for(self, name: str) -> str:
         name = _base_name(name)
+        if name in EXPRESSION:  # MediaPipe's, whatever the face backend
+            return self.reason("expression")
         source = {"lpips": "lpips", "fid": "fid", "fvd": "fvd", "gaze": "gaze"}.get(name, "faces")
         return self.reason(source) or self.reason("faces")
 

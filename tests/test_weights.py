@@ -84,6 +84,8 @@ PUBLISHED = {
     "lpips_alexnet": ("torch/hub/checkpoints/alexnet-owt-7be5be79.pth", "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02", 244408911),
     "fid_inception": ("torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth", "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", 95628359),
     "fvd_i3d": ("eval/i3d_torchscript.pt", "bec6519f66ea534e953026b4ae2c65553c17bf105611c746d904657e5860a5e2", 51235320),
+    # google-ai-edge/mediapipe third_party/external_files.bzl pins this object generation's sha256 (no size)
+    "mediapipe_face_landmarker": ("mediapipe/face_landmarker_v2_with_blendshapes.task", "b261925d4aad812b47a0e8d58c1baa1223270a5d1f663d78338bc881c003879d", None),
 }  # fmt: skip
 PINNED_REVISIONS = {
     "sdxl_turbo": "3a98214d01b1e1f5b0e71bec85ffb07534300fc7",
@@ -141,5 +143,6 @@ def test_jobs_name_what_the_trainer_and_evaluation_read() -> None:
         "landmark_1k3d68",
         "landmark_2d106",
         "lpips_alexnet",
+        "mediapipe_face_landmarker",
         "scrfd_10g",
-    ]  # fmt: skip  (the backbones, buffalo_l's detector / ArcFace / landmarks, L2CS)
+    ]  # fmt: skip  (the backbones, buffalo_l's detector / ArcFace / landmarks, L2CS, MediaPipe)

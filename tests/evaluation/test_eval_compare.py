@@ -32,11 +32,12 @@ def test_insightface_path_scores_every_metric_on_tiny_weights(
     other = evaluator.score_clip(noisy(clip, 8), clip, clip="noisy")
     same = evaluator.score_clip(clip, clip, clip="same")
     summary = evaluator.summarise([other, same])
-    # Self reenactment has no normalised leakage; 3-frame videos are shorter than FVD's 16-frame clip.
-    assert set(summary["skipped"]) == {"id_leak_norm", "fvd"}, summary["skipped"]
+    # Self reenactment has no normalised leakage; 3-frame videos are shorter than FVD's 16-frame clip;
+    # MediaPipe's landmarker has no tiny stand-in (tests/evaluation/test_expression.py).
+    assert set(summary["skipped"]) == {"id_leak_norm", "fvd", "aed", "apd"}, summary["skipped"]
     assert summary["distribution"]["fvd"]["short_videos_skipped"] == 2
     assert summary["samples"]["fid_n6"] == 2 * len(clip)  # below the protocol's N: named with it
-    names = set(METRICS) - {"id_leak_norm", "fvd", "fid"} | {"fid_n6"}
+    names = set(METRICS) - {"id_leak_norm", "fvd", "fid", "aed", "apd"} | {"fid_n6"}
     assert all(math.isfinite(summary["metrics"][name]) for name in names), summary["metrics"]
     assert set(summary["weights"]) >= {
         "arcface_r50",
@@ -48,7 +49,9 @@ def test_insightface_path_scores_every_metric_on_tiny_weights(
     # The clip scored against itself: no reconstruction error, the same landmarks, pose and gaze.
     frames = same.frames
     assert (frames["l1"] == 0).all() and np.allclose(frames["lpips"], 0, atol=1e-6)
-    assert frames["driving_face"].all() and np.allclose(frames[["akd", "apd", "aed", "gaze"]], 0, atol=1e-3)
+    assert frames["driving_face"].all() and np.allclose(
+        frames[["akd", "apd_landmark", "aed_landmark", "gaze"]], 0, atol=1e-3
+    )
     assert (other.frames["lpips"] > 0).all() and (other.frames["psnr"] < 40).all()
 
 
@@ -68,7 +71,8 @@ def test_compare_cli_writes_metrics_and_frames(
     carphone: np.ndarray, tiny_eval_weights: Path, tmp_path: Path
 ) -> None:
     """dlib backend; the weights folder lacks FID's Inception and L2CS: those two are skipped with the
-    file named, the rest are numbers (FVD too has a reason: an 8-frame video is shorter than its clip)."""
+    file named, the rest are numbers (FVD too has a reason: an 8-frame video is shorter than its clip;
+    AED / APD: MediaPipe's landmarker is not in the folder)."""
     weights = weights_subset(tiny_eval_weights, tmp_path / "weights", ["lpips_alexnet", "fvd_i3d"])
     pred, target = tmp_path / "pred.mp4", tmp_path / "target.mp4"
     pred.write_bytes(encode_mp4(noisy(carphone, 6), 8.0))
@@ -83,7 +87,10 @@ def test_compare_cli_writes_metrics_and_frames(
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["backend"] == "dlib" and summary["frames"] == len(carphone)
     skipped = summary["skipped"]
-    assert set(skipped) == {"fid", "gaze", "fvd", "id_leak_norm"}, skipped
+    assert set(skipped) == {"fid", "gaze", "fvd", "id_leak_norm", "aed", "apd"}, skipped
+    assert (
+        "face_landmarker" in skipped["aed"] or "eval-mediapipe" in skipped["aed"]
+    )  # MediaPipe's model / package
     assert (
         "pt_inception-2015-12-05-6726825d.pth" in skipped["fid"] and "L2CSNet_gaze360.pkl" in skipped["gaze"]
     )
@@ -94,9 +101,15 @@ def test_compare_cli_writes_metrics_and_frames(
         summary["metrics"]["psnr"] < 60 and summary["metrics"]["csim"] > 0.9
     )  # same man, re-encoded + noise
     frames = pd.read_parquet(out / "frames.parquet")
-    assert len(frames) == len(carphone) and {"psnr", "lpips", "csim", "akd", "apd", "aed", "id_leak"} <= set(
-        frames
-    )
+    assert len(frames) == len(carphone) and {
+        "psnr",
+        "lpips",
+        "csim",
+        "akd",
+        "apd_landmark",
+        "aed_landmark",
+        "id_leak",
+    } <= set(frames)
 
 
 def test_compare_refuses_a_missing_video(tmp_path: Path) -> None:
@@ -117,5 +130,7 @@ def test_an_empty_weights_folder_skips_every_network_metric_with_its_file(tmp_pa
     skipped = summary["skipped"]
     assert set(skipped) == set(METRICS) - {"psnr", "ssim", "l1"}, skipped
     assert "alexnet-owt-7be5be79.pth" in skipped["lpips"] and "i3d_torchscript.pt" in skipped["fvd"]
-    for name in ("csim", "id_leak", "akd", "apd", "aed", "gaze"):  # one error naming every buffalo_l file
+    for name in ("csim", "id_leak", "akd", "apd_landmark", "aed_landmark", "gaze"):  # every buffalo_l file
         assert "det_10g.onnx" in skipped[name] and "2d106det.onnx" in skipped[name], skipped[name]
+    for name in ("aed", "apd"):  # MediaPipe's landmarker: the package or its file, and how to get them
+        assert "FOR=eval" in skipped[name], skipped[name]

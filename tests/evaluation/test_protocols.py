@@ -138,8 +138,8 @@ def test_run_cross_pairs_different_identities_and_names_small_samples(
     assert own["distribution"]["fid"] == {"protocol": "stylegan-v", "protocol_n": 50_000, "n": 12,
                                           "reported_as": "fid_n12"}  # fmt: skip
     assert own["metrics"]["fvd"] is None and own["distribution"]["fvd"]["short_videos_skipped"] == 4
-    assert "fid_n12" in table and "(N=12)" in table and "apd [deg]" in table
-    assert own["units"]["apd"] == "deg"
+    assert "fid_n12" in table and "(N=12)" in table and "apd_landmark [deg]" in table
+    assert own["units"]["apd_landmark"] == "deg"
 
 
 def test_fvd_skips_short_videos_and_carries_its_sample_count(
