@@ -30,7 +30,7 @@ LATENT_PROFILE ?= $(if $(filter demo,$(DATASET)),tiny,full)
 LATENT_RESOLUTION ?= $(if $(filter demo,$(DATASET)),64,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights shards shards-job latents train-demo animate-demo ray-up ray-down notebook report test test-fast lint format bench clean
+.PHONY: tour-check help setup weights shards shards-job latents train-demo animate-demo ray-up ray-down notebook report test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
 	$(BIN)/python -m pip install -c constraints.txt -e '.[cpu,dev]'
+	# AED / APD's MediaPipe without its opencv-contrib-python, which would replace our cv2 (pyproject.toml)
+	$(BIN)/python -m pip install -c constraints.txt --no-deps mediapipe sounddevice
 	touch $(STAMP)
 
 weights: setup ## download + verify the pretrained weights into WEIGHTS_DIR: FOR='build train eval' ACCEPT=all (licences)
@@ -97,8 +99,11 @@ ray-up: setup ## start a local Ray head on loopback for `ray job submit` (its ow
 ray-down: ## stop the head that ray-up started (that process group only)
 	$(BIN)/python scripts/local_ray.py down --state $(RAY_STATE)
 
-test: setup ## run every test, the slow end-to-end ones included
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: setup ## run every test, the slow end-to-end ones included (the README tour: make tour-check)
+	$(BIN)/python -m pytest -m "not tour" $(PYTEST_ARGS)
+
+tour-check: setup ## run the README's CPU tour as printed on a fresh copy of the repository (about 10 minutes)
+	$(BIN)/python -m pytest -m tour -s $(PYTEST_ARGS)
 
 test-fast: setup ## unit tests only
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
