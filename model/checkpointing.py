@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointedMotionModule(AnimateDiffTransformer3D):
@@ -123,18 +126,21 @@ def checkpoint_units(model: nn.Module) -> dict[str, list[nn.Module]]:
 def match_units(units: list[str], patterns: list[str]) -> list[str]:
     """Units matched by fnmatch patterns (a pattern also matches every unit below a path it names).
 
-    Raises ValueError naming a pattern that matches nothing, so a typo never silently disables
-    checkpointing.
+    A list is chosen for one architecture (the full model); on another (the tiny profile has two
+    blocks a side) a pattern may name a unit that is not there: it is skipped with a warning. A list
+    that matches nothing at all raises ValueError, so a typo never silently switches checkpointing off.
     """
-    chosen = set()
+    chosen, unmatched = set(), []
     for pattern in patterns:
         hits = [u for u in units if fnmatch.fnmatchcase(u, pattern) or u.startswith(pattern + ".")]
-        if not hits:
-            raise ValueError(
-                f"checkpoint_modules: {pattern!r} matches no unit; units are paths like {units[:3]} "
-                f"({len(units)} in all; a glob such as 'denoiser.*.motion_modules' works)"
-            )
         chosen.update(hits)
+        if not hits:
+            unmatched.append(pattern)
+    hint = f"units are paths like {units[:3]} ({len(units)} in all; a glob such as 'denoiser.*.motion_modules' works)"
+    if not chosen:
+        raise ValueError(f"checkpoint_modules: {unmatched} match no unit of this model; {hint}")
+    if unmatched:
+        log.warning("checkpoint_modules: %s match no unit of this model, skipped; %s", unmatched, hint)
     return [u for u in units if u in chosen]
 
 

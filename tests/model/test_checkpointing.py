@@ -127,6 +127,15 @@ def test_listed_units_recompute_and_the_others_run_once(make_model):
     torch.testing.assert_close(grads, plain, rtol=1e-4, atol=1e-6)
 
 
-def test_a_checkpoint_pattern_that_matches_nothing_is_an_error(make_model):
-    with pytest.raises(ValueError, match="matches no unit"):
+def test_a_checkpoint_list_that_matches_nothing_is_an_error_a_partial_one_is_warned(make_model, caplog):
+    with pytest.raises(ValueError, match="match no unit"):
         make_model(gradient_checkpointing=True, checkpoint_modules=["denoiser.up_blocks.9.motion_modules"])
+    listed = [
+        "denoiser.up_blocks.3.motion_modules",
+        "denoiser.down_blocks.0.motion_modules",
+    ]  # full-size names
+    model = make_model(gradient_checkpointing=True, checkpoint_modules=listed)
+    assert model.checkpointed_units == [
+        "denoiser.down_blocks.0.motion_modules"
+    ]  # the tiny model has 2 blocks
+    assert "up_blocks.3.motion_modules" in caplog.text
