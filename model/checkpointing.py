@@ -8,6 +8,11 @@ checkpoint has to live in the module itself: `checkpoint_motion_modules` switche
 class to a subclass whose forward runs under `torch.utils.checkpoint`. Parameter names, the state dict and
 `isinstance` stay what they were (checkpoints and FSDP wrapping see the same module), and the flag is the
 `gradient_checkpointing` attribute diffusers' own enable / disable methods set on every module that has it.
+
+Per-module mode (MegActorConfig.checkpoint_modules): only the listed units are checkpointed, a unit
+being one block module list (its resnets, spatial transformers or motion modules) of the ReferenceNet or
+the denoiser. `choose_checkpointing` picks the list from per-unit saved bytes and forward FLOPs, counted on
+the meta device with `MetaSavedActivations` (benchmarks/step_flops.py), for a memory budget.
 """
 
 from __future__ import annotations

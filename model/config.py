@@ -75,6 +75,12 @@ class MegActorConfig:
             raise ValueError(
                 f"prediction_type: expected 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
             )
+        if isinstance(self.checkpoint_modules, str) or not all(
+            isinstance(x, str) for x in self.checkpoint_modules
+        ):
+            raise ValueError(
+                f"checkpoint_modules: expected a list of unit paths / patterns, got {self.checkpoint_modules!r}"
+            )
         if self.checkpoint_budget_gb < 0:
             raise ValueError(f"checkpoint_budget_gb: expected >= 0, got {self.checkpoint_budget_gb}")
         if self.timestep_spacing not in ("trailing", "leading", "linspace"):

@@ -14,6 +14,7 @@ from model.checkpointing import (
     match_units,
     motion_modules,
 )
+from model.config import MegActorConfig
 
 GB = 10**9
 
@@ -139,3 +140,5 @@ def test_a_checkpoint_list_that_matches_nothing_is_an_error_a_partial_one_is_war
         "denoiser.down_blocks.0.motion_modules"
     ]  # the tiny model has 2 blocks
     assert "up_blocks.3.motion_modules" in caplog.text
+    with pytest.raises(ValueError, match="expected a list"):
+        MegActorConfig(checkpoint_modules="denoiser")  # a YAML string, not a list
