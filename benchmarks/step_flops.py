@@ -315,7 +315,10 @@ def choose_for_budget(profile: StepCount, fixed_gb: float, budget_gb: float, hea
     """The fewest units (best saving per recompute FLOP first) that fit the step in budget_gb."""
     peak = peak_estimate_bytes(profile, fixed_gb, headroom_gb)
     need = int(peak["peak_gb"] * GB - budget_gb * GB)
-    chosen = choose_checkpointing(profile.unit_costs, need)
+    try:
+        chosen, error = choose_checkpointing(profile.unit_costs, need), None
+    except ValueError as exc:  # the step does not fit even fully checkpointed: say so in the report
+        chosen, error = [], str(exc)
     saved = sum(u.saved_bytes for u in profile.unit_costs if u.name in chosen)
     recompute = sum(u.recompute_flops for u in profile.unit_costs if u.name in chosen)
     return {
@@ -323,7 +326,8 @@ def choose_for_budget(profile: StepCount, fixed_gb: float, budget_gb: float, hea
         "headroom_gb": headroom_gb,
         "peak_without_checkpointing_gb": peak["peak_gb"],
         "must_save_gb": round(max(need, 0) / GB, 2),
-        "chosen": chosen,
+        "chosen": chosen if error is None else None,
+        "does_not_fit": error,
         "saves_gb": round(saved / GB, 2),
         "recompute_tflop": round(recompute / 1e12, 3),
         "units": {
