@@ -38,6 +38,13 @@ class MegActorConfig:
     # With gradient_checkpointing, also checkpoint the AnimateDiff motion modules (diffusers checkpoints
     # only the resnets and spatial transformers of UNetMotionModel). False = diffusers' behaviour alone.
     checkpoint_motion_modules: bool = True
+    # With gradient_checkpointing, checkpoint only these units (fnmatch patterns over module-list paths
+    # such as "denoiser.up_blocks.3.motion_modules" or "reference_net.*.attentions"; see
+    # model.checkpointing.checkpoint_units). Empty = the whole-model mode above.
+    checkpoint_modules: list[str] = field(default_factory=list)
+    # The per-GPU memory (GB) the checkpoint_modules list was chosen for (benchmarks/step_flops.py
+    # --budget-gb): a record for whoever reruns the choice on another GPU; 0 = not chosen from a budget.
+    checkpoint_budget_gb: float = 0.0
     # Noise schedule: the authors' betas with the zero-terminal-SNR rescale and "trailing" spacing, so
     # the sampler starts from pure noise at t = 999. v-prediction, not the authors' epsilon: at t = 999
     # an epsilon model's x0 estimate divides by sqrt(alpha_bar) ~ 0 (ill-conditioned: docs/model.md),
@@ -68,6 +75,14 @@ class MegActorConfig:
             raise ValueError(
                 f"prediction_type: expected 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
             )
+        if isinstance(self.checkpoint_modules, str) or not all(
+            isinstance(x, str) for x in self.checkpoint_modules
+        ):
+            raise ValueError(
+                f"checkpoint_modules: expected a list of unit paths / patterns, got {self.checkpoint_modules!r}"
+            )
+        if self.checkpoint_budget_gb < 0:
+            raise ValueError(f"checkpoint_budget_gb: expected >= 0, got {self.checkpoint_budget_gb}")
         if self.timestep_spacing not in ("trailing", "leading", "linspace"):
             raise ValueError(
                 f"timestep_spacing: expected 'trailing', 'leading' or 'linspace', got {self.timestep_spacing!r}"

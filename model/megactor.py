@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNetMo
 from torch import nn
 
 from model.background import BackgroundEncoder
-from model.checkpointing import checkpoint_motion_modules
+from model.checkpointing import apply_gradient_checkpointing
 from model.components import Components
 from model.config import MegActorConfig
 from model.driven_encoder import DrivenEncoder
@@ -169,11 +169,7 @@ class MegActor(nn.Module):
         self.reference_layers = install_reference_attention(
             self.reference_net, self.denoiser, config.reference_blocks, self.bank
         )
-        if config.gradient_checkpointing:
-            self.reference_net.enable_gradient_checkpointing()
-            self.denoiser.enable_gradient_checkpointing()
-            if config.checkpoint_motion_modules:
-                checkpoint_motion_modules(self.denoiser)
+        self.checkpointed_units = apply_gradient_checkpointing(self, config)
 
     def train(self, mode: bool = True) -> MegActor:
         super().train(mode)
