@@ -84,6 +84,7 @@ PUBLISHED = {
     "lpips_alexnet": ("torch/hub/checkpoints/alexnet-owt-7be5be79.pth", "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02", 244408911),
     "fid_inception": ("torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth", "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", 95628359),
     "fvd_i3d": ("eval/i3d_torchscript.pt", "bec6519f66ea534e953026b4ae2c65553c17bf105611c746d904657e5860a5e2", 51235320),
+    "fan_2dfan4": ("face_alignment/2DFAN4-11f355bf06.pth.tar", "11f355bf0693120222f5955ce3f9dc8fb5763ebb30a47d7906e509490d32e4aa", None),
 }  # fmt: skip
 PINNED_REVISIONS = {
     "sdxl_turbo": "3a98214d01b1e1f5b0e71bec85ffb07534300fc7",
@@ -135,6 +136,7 @@ def test_jobs_name_what_the_trainer_and_evaluation_read() -> None:
     assert w.job_names("eval") == [
         "arcface_r50",
         "buffalo_l",
+        "fan_2dfan4",
         "fid_inception",
         "fvd_i3d",
         "l2cs_gaze360",
