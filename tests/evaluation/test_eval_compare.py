@@ -98,9 +98,15 @@ def test_compare_cli_writes_metrics_and_frames(
         summary["metrics"]["psnr"] < 60 and summary["metrics"]["csim"] > 0.9
     )  # same man, re-encoded + noise
     frames = pd.read_parquet(out / "frames.parquet")
-    assert len(frames) == len(carphone) and {"psnr", "lpips", "csim", "akd", "apd", "aed", "id_leak"} <= set(
-        frames
-    )
+    assert len(frames) == len(carphone) and {
+        "psnr",
+        "lpips",
+        "csim",
+        "akd_euclid_512",
+        "apd",
+        "aed",
+        "id_leak",
+    } <= set(frames)
 
 
 def test_compare_refuses_a_missing_video(tmp_path: Path) -> None:
