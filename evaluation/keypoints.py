@@ -11,6 +11,7 @@ The tiny profile writes a FAN with one hourglass and random weights in the same 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 
 from evaluation.frames import resize_frames
 from pipeline.weights import check_weights, file_id, load_weight_specs, register_tiny_writer
+
+log = logging.getLogger(__name__)
 
 FAN_2D = "fan_2dfan4"  # configs/weights.yaml
 FOMM_SIZE = 256  # FOMM scores keypoints on 256² frames
@@ -51,8 +54,11 @@ def cache_decoding_jit(cache_dir: Path = JIT_CACHE) -> None:
 
     if not numba.config.CACHE_DIR:
         numba.config.CACHE_DIR = str(cache_dir)
-    for function in (utils.transform_np, utils._get_preds_fromhm):
-        function.enable_caching()
+    try:
+        for function in (utils.transform_np, utils._get_preds_fromhm):
+            function.enable_caching()
+    except (RuntimeError, OSError) as exc:  # an unwritable cache folder only costs the compile
+        log.warning("face-alignment's decoding compiles without a cache: %s", exc)
 
 
 class FanLandmarks:
