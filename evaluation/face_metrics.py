@@ -25,7 +25,8 @@ def identity_of(embeddings: np.ndarray) -> np.ndarray:
 
 
 def keypoint_distance(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """AKD: mean Euclidean distance (pixels) between corresponding landmarks, (T, K, 2) each."""
+    """Mean Euclidean distance (pixels) between corresponding landmarks, (T, K, 2) each: our
+    `akd_euclid_512` on landmarks mapped to 512² (FOMM's `akd` is evaluation/keypoints.py's fomm_akd)."""
     return np.linalg.norm(pred - target, axis=-1).mean(axis=-1).astype(np.float32)
 
 

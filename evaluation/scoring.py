@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evaluation import backbones, expression, face_metrics, pixel
+from evaluation import backbones, expression, face_metrics, keypoints, pixel
 from evaluation.distribution import (
     DEFAULT_PROTOCOL,
     PROTOCOLS,
@@ -31,9 +31,10 @@ from evaluation.perceptual import lpips_distance
 log = logging.getLogger(__name__)
 
 RECONSTRUCTION = ("psnr", "ssim", "l1", "lpips")
-FACE = ("csim", "id_leak", "akd", "apd", "aed", "apd_landmark", "aed_landmark", "gaze")
+FACE = ("csim", "id_leak", "akd", "akd_euclid_512", "apd", "aed", "apd_landmark", "aed_landmark", "gaze")
 # aed / apd: MediaPipe coefficients (evaluation/expression.py); the _landmark pair: the face backend's.
 EXPRESSION = ("aed", "apd")
+SELF_ONLY = ("akd", "akd_euclid_512")  # keypoint distances need the ground truth: no key in cross reenactment
 PER_PAIR = ("id_leak_base", "id_leak_norm")  # one value per (reference, driver) pair
 DISTRIBUTION = ("fid", "fvd")
 PER_FRAME = RECONSTRUCTION + FACE
@@ -44,7 +45,7 @@ MIN_IDENTITY_GAP = 1e-3
 UNITS = {
     "psnr": "dB", "ssim": "1", "l1": "1 (RGB in [0,1])", "lpips": "1", "csim": "cosine",
     "id_leak": "cosine", "id_leak_base": "cosine", "id_leak_norm": "1 (0: reference-driver level, 1: driver)",
-    "akd": "px (evaluation resolution)", "gaze": "deg",
+    "akd": "px at 256² (mean |Δx|, |Δy|)", "akd_euclid_512": "px at 512² (Euclidean)", "gaze": "deg",
     "aed": "1 (mean |Δ| MediaPipe blendshape score)", "apd": "1 (mean |Δ| rotation-matrix entry, not deg)",
     "aed_landmark": "1 (residual / RMS radius)", "apd_landmark": "deg",
     "fid": "1", "fvd": "1",
@@ -57,6 +58,22 @@ LOWER_IS_BETTER = "↓"
 def direction(name: str) -> str:
     """↑ or ↓ for a metric name (psnr_frames and fvd_n<N> as their base metric), '' for a baseline."""
     return BETTER.get(_base_name(name), LOWER_IS_BETTER)
+
+
+CSIM_CONVENTIONS = {
+    "insightface": {
+        "backbone": "w600k_r50 (insightface buffalo_l ArcFace, 512-D)",
+        "crop": "5-point similarity alignment to 112x112 (ArcFace template, SCRFD landmarks)",
+    },
+    "dlib": {
+        "backbone": "dlib_face_recognition_resnet_model_v1 (128-D)",
+        "crop": "dlib face chip: 150x150 aligned on the 68-point shape, padding 0.25",
+    },
+}
+AKD_EUCLID_LANDMARKS = {
+    "insightface": "insightface 2d106det, 106 points",
+    "dlib": "dlib 68-point shape predictor",
+}
 
 
 def frames_name(name: str) -> str:
@@ -72,6 +89,7 @@ class ClipScores:
     skipped: dict[str, str] = field(default_factory=dict)
     pair: dict[str, float] = field(default_factory=dict)  # per-pair metrics (PER_PAIR)
     too_short: bool = False  # shorter than the protocol's FVD clip: no FVD sample
+    cross: bool = False  # no ground truth: no AKD
 
 
 @dataclass
@@ -118,6 +136,10 @@ class Evaluator:
             return landmarker
         if self.weights_dir is None:
             raise FileNotFoundError(f"{name} reads its weights from WEIGHTS_DIR: pass --weights-dir")
+        if name == "fan":
+            fan = keypoints.load_fan(self.weights_dir, self.torch_device)
+            self.weights[keypoints.FAN_2D] = fan.weights_id
+            return fan
         if name == "gaze":
             from evaluation.gaze import GazeEstimator
             from pipeline.stages.l2cs import WEIGHTS_NAME
@@ -192,7 +214,7 @@ class Evaluator:
         pair = self._score_faces(pred, reference, driving, table, skipped, cross=target is None)
         self._score_expression(pred, driving, table, skipped)
         frames = pd.DataFrame(table).assign(clip=clip)
-        return ClipScores(clip, frames, features, skipped, pair, too_short)
+        return ClipScores(clip, frames, features, skipped, pair, too_short, cross=target is None)
 
     def _score_faces(
         self,
@@ -225,12 +247,8 @@ class Evaluator:
             return {}
         drive = faces.analyse(driving)
         table["driving_face"] = drive.found
-        if cross:
-            skipped["akd"] = (
-                "cross reenactment: no ground truth (the driver's landmarks carry another face shape)"
-            )
-        else:
-            table["akd"] = face_metrics.keypoint_distance(analysed.landmarks, drive.landmarks)
+        if not cross:  # the driver's landmarks in cross reenactment carry another face shape: no AKD
+            self._score_keypoints(pred, driving, analysed, drive, table)
         table["apd_landmark"] = face_metrics.pose_distance(analysed.pose, drive.pose)
         table["aed_landmark"] = face_metrics.expression_distance(analysed.shape, drive.shape)
         driver_identity = face_metrics.identity_of(drive.embeddings)
@@ -257,6 +275,29 @@ class Evaluator:
         ours, theirs = landmarker.analyse(pred), landmarker.analyse(driving)
         table["aed"] = expression.blendshape_distance(ours.blendshapes, theirs.blendshapes)
         table["apd"] = expression.rotation_distance(ours.transforms, theirs.transforms)
+
+    def _score_keypoints(
+        self,
+        pred: np.ndarray,
+        target: np.ndarray,
+        analysed: FaceFrames,
+        drive: FaceFrames,
+        table: dict[str, np.ndarray],
+    ) -> None:
+        """akd: FOMM's convention (2D-FAN points at 256² on the face backend's boxes, mean |Δ| per
+        coordinate); akd_euclid_512: ours (the backend's landmarks mapped to 512², Euclidean)."""
+        height, width = pred.shape[1:3]
+        at_512 = [
+            keypoints.rescale_points(f.landmarks, height, width, keypoints.EUCLID_SIZE)
+            for f in (analysed, drive)
+        ]
+        table["akd_euclid_512"] = face_metrics.keypoint_distance(*at_512)
+        if (fan := self.model("fan")) is not None:
+            both = (analysed.found & drive.found)[:, None]  # the FAN runs only where AKD has two faces
+            table["akd"] = keypoints.fomm_akd(
+                fan.points_at_256(pred, np.where(both, analysed.boxes, np.nan)),
+                fan.points_at_256(target, np.where(both, drive.boxes, np.nan)),
+            )
 
     @staticmethod
     def _leak_baseline(
@@ -298,7 +339,10 @@ class Evaluator:
         identical = int(frames["psnr_identical"].sum()) if "psnr_identical" in frames else 0
         if identical:  # infinite PSNR: counted, kept out of the means
             frames.loc[frames["psnr_identical"].astype(bool), "psnr"] = np.nan
+        all_cross = all(c.cross for c in clips)
         for name in METRICS:
+            if all_cross and name in SELF_ONLY:
+                continue
             reason = next((c.skipped[name] for c in clips if name in c.skipped), "")
             if name in DISTRIBUTION:
                 reported, info, reason = self._distribution(name, clips, reason)
@@ -326,6 +370,7 @@ class Evaluator:
             "samples": counts,
             "skipped": skipped,
             "units": {name: UNITS[_base_name(name)] for name in metrics},
+            "conventions": self._conventions(metrics),
             "psnr_identical_frames": identical,
             "distribution": distribution,
             "backend": self.backend,
@@ -381,11 +426,34 @@ class Evaluator:
             )  # fmt: skip
         return (reported, value), info, ""
 
+    def _conventions(self, metrics: dict[str, float | None]) -> dict[str, dict[str, str]]:
+        """What the identity and keypoint metrics were computed with: published CSIM tables use several
+        backbones and crops, AKD two conventions; numbers compare only under the same one."""
+        known = {
+            "csim": CSIM_CONVENTIONS.get(self.backend, {}),
+            "akd": {
+                "source": "FOMM (AliaksandrSiarohin/pose-evaluation)",
+                "landmarks": "face-alignment 2D-FAN (2DFAN4), 68 points, no flip",
+                "boxes": f"{self.backend} face detector",
+                "resolution": "256x256",
+                "distance": "mean absolute error per coordinate",
+            },
+            "akd_euclid_512": {
+                "source": "ours",
+                "landmarks": AKD_EUCLID_LANDMARKS.get(self.backend, ""),
+                "resolution": "512x512",
+                "distance": "Euclidean per point",
+            },
+        }
+        return {name: info for name, info in known.items() if name in metrics and info}
+
     def _reason_for(self, name: str) -> str:
         name = _base_name(name)
         if name in EXPRESSION:  # MediaPipe's, whatever the face backend
             return self.reason("expression")
-        source = {"lpips": "lpips", "fid": "fid", "fvd": "fvd", "gaze": "gaze"}.get(name, "faces")
+        source = {"lpips": "lpips", "fid": "fid", "fvd": "fvd", "gaze": "gaze", "akd": "fan"}.get(
+            name, "faces"
+        )
         return self.reason(source) or self.reason("faces")
 
 

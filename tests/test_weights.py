@@ -86,6 +86,7 @@ PUBLISHED = {
     "fvd_i3d": ("eval/i3d_torchscript.pt", "bec6519f66ea534e953026b4ae2c65553c17bf105611c746d904657e5860a5e2", 51235320),
     # google-ai-edge/mediapipe third_party/external_files.bzl pins this object generation's sha256 (no size)
     "mediapipe_face_landmarker": ("mediapipe/face_landmarker_v2_with_blendshapes.task", "b261925d4aad812b47a0e8d58c1baa1223270a5d1f663d78338bc881c003879d", None),
+    "fan_2dfan4": ("face_alignment/2DFAN4-11f355bf06.pth.tar", "11f355bf0693120222f5955ce3f9dc8fb5763ebb30a47d7906e509490d32e4aa", None),
 }  # fmt: skip
 PINNED_REVISIONS = {
     "sdxl_turbo": "3a98214d01b1e1f5b0e71bec85ffb07534300fc7",
@@ -137,6 +138,7 @@ def test_jobs_name_what_the_trainer_and_evaluation_read() -> None:
     assert w.job_names("eval") == [
         "arcface_r50",
         "buffalo_l",
+        "fan_2dfan4",
         "fid_inception",
         "fvd_i3d",
         "l2cs_gaze360",

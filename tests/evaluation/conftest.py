@@ -46,6 +46,10 @@ def dlib_backend():
 
 @pytest.fixture(scope="session")
 def tiny_eval_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from evaluation.tiny import write_tiny_eval_weights
+    """Every evaluation network but face-alignment's FAN: full width even with random weights, it costs
+    seconds a frame on a CPU, so AKD is skipped here and tested on few frames in test_akd_fomm.py."""
+    from evaluation.keypoints import FAN_2D
+    from evaluation.tiny import EVAL_WEIGHTS, write_tiny_eval_weights
 
-    return write_tiny_eval_weights(tmp_path_factory.mktemp("eval_weights"))
+    names = tuple(name for name in EVAL_WEIGHTS if name != FAN_2D)
+    return write_tiny_eval_weights(tmp_path_factory.mktemp("eval_weights"), names=names)

@@ -27,17 +27,19 @@ def noisy(frames: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
 def test_insightface_path_scores_every_metric_on_tiny_weights(
     carphone: np.ndarray, tiny_eval_weights: Path
 ) -> None:
+    """Every network but the FAN (not in the fixture's folder; FOMM's AKD: test_akd_fomm.py)."""
     clip = carphone[:3]  # the networks are full-size (random weights): few frames keep this short on a CPU
     evaluator = Evaluator(tiny_eval_weights, "insightface", "cpu")
     other = evaluator.score_clip(noisy(clip, 8), clip, clip="noisy")
     same = evaluator.score_clip(clip, clip, clip="same")
     summary = evaluator.summarise([other, same])
     # Self reenactment has no normalised leakage; 3-frame videos are shorter than FVD's 16-frame clip;
-    # MediaPipe's landmarker has no tiny stand-in (tests/evaluation/test_expression.py).
-    assert set(summary["skipped"]) == {"id_leak_norm", "fvd", "aed", "apd"}, summary["skipped"]
+    # MediaPipe's landmarker has no tiny stand-in (tests/evaluation/test_expression.py), nor has the
+    # shared tiny folder the FAN (tests/evaluation/test_akd_fomm.py).
+    assert set(summary["skipped"]) == {"id_leak_norm", "fvd", "aed", "apd", "akd"}, summary["skipped"]
     assert summary["distribution"]["fvd"]["short_videos_skipped"] == 2
     assert summary["samples"]["fid_n6"] == 2 * len(clip)  # below the protocol's N: named with it
-    names = set(METRICS) - {"id_leak_norm", "fvd", "fid", "aed", "apd"} | {"fid_n6"}
+    names = set(METRICS) - {"id_leak_norm", "fvd", "fid", "aed", "apd", "akd"} | {"fid_n6"}
     assert all(math.isfinite(summary["metrics"][name]) for name in names), summary["metrics"]
     assert set(summary["weights"]) >= {
         "arcface_r50",
@@ -50,7 +52,7 @@ def test_insightface_path_scores_every_metric_on_tiny_weights(
     frames = same.frames
     assert (frames["l1"] == 0).all() and np.allclose(frames["lpips"], 0, atol=1e-6)
     assert frames["driving_face"].all() and np.allclose(
-        frames[["akd", "apd_landmark", "aed_landmark", "gaze"]], 0, atol=1e-3
+        frames[["akd_euclid_512", "apd_landmark", "aed_landmark", "gaze"]], 0, atol=1e-3
     )
     assert (other.frames["lpips"] > 0).all() and (other.frames["psnr"] < 40).all()
 
@@ -70,9 +72,9 @@ def weights_subset(source: Path, dest: Path, names: list[str]) -> Path:
 def test_compare_cli_writes_metrics_and_frames(
     carphone: np.ndarray, tiny_eval_weights: Path, tmp_path: Path
 ) -> None:
-    """dlib backend; the weights folder lacks FID's Inception and L2CS: those two are skipped with the
-    file named, the rest are numbers (FVD too has a reason: an 8-frame video is shorter than its clip;
-    AED / APD: MediaPipe's landmarker is not in the folder)."""
+    """dlib backend; the weights folder lacks FID's Inception, the FAN and L2CS: those three are skipped
+    with the file named, the rest are numbers (FVD too has a reason: an 8-frame video is shorter than its
+    clip; AED / APD: MediaPipe's landmarker is not in the folder)."""
     weights = weights_subset(tiny_eval_weights, tmp_path / "weights", ["lpips_alexnet", "fvd_i3d"])
     pred, target = tmp_path / "pred.mp4", tmp_path / "target.mp4"
     pred.write_bytes(encode_mp4(noisy(carphone, 6), 8.0))
@@ -87,10 +89,11 @@ def test_compare_cli_writes_metrics_and_frames(
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["backend"] == "dlib" and summary["frames"] == len(carphone)
     skipped = summary["skipped"]
-    assert set(skipped) == {"fid", "gaze", "fvd", "id_leak_norm", "aed", "apd"}, skipped
+    assert set(skipped) == {"fid", "gaze", "fvd", "id_leak_norm", "aed", "apd", "akd"}, skipped
     assert (
         "face_landmarker" in skipped["aed"] or "eval-mediapipe" in skipped["aed"]
     )  # MediaPipe's model / package
+    assert "2DFAN4-11f355bf06.pth.tar" in skipped["akd"]
     assert (
         "pt_inception-2015-12-05-6726825d.pth" in skipped["fid"] and "L2CSNet_gaze360.pkl" in skipped["gaze"]
     )
@@ -105,7 +108,7 @@ def test_compare_cli_writes_metrics_and_frames(
         "psnr",
         "lpips",
         "csim",
-        "akd",
+        "akd_euclid_512",
         "apd_landmark",
         "aed_landmark",
         "id_leak",
