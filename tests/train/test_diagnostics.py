@@ -18,7 +18,7 @@ from pipeline import contract
 from pipeline.video import read_video_frames
 from train.augment import black_outside
 from train.data import DataConfig, list_shards
-from train.diagnostics import REAL_DRIVING, DiagnosticsSettings, batch_losses, diagnostic_batch
+from train.diagnostics import ABLATIONS, REAL_DRIVING, DiagnosticsSettings, batch_losses, diagnostic_batch
 from train.learning_check import DRIVING_GAIN, REFERENCE_GAIN, check_config, cut_paths, train, verdict
 from train.loop import to_model_batch
 
@@ -145,3 +145,25 @@ def test_ablations_change_only_their_condition() -> None:
     )
     dropped = ablated_batch(batch, "reference_dropped")  # reference attention off: no input changes
     assert all(getattr(dropped, f.name) is getattr(batch, f.name) for f in dataclasses.fields(batch))
+
+
+def test_diagnose_cli_reads_a_training_checkpoints_exported_model(
+    tiny_model_weights: Path, shards: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from model.loading import save_checkpoint
+    from train.diagnose import RESULT_FILE, main
+
+    checkpoint = tmp_path / "checkpoint_000001"
+    save_checkpoint(build_megactor(tiny_model_weights), checkpoint / "model")  # only model/ is read
+    out = tmp_path / "diag"
+    args = ["--checkpoint", str(checkpoint), "--shards", str(shards), "--split", "train", "--out", str(out),
+            "--weights-dir", str(tiny_model_weights), "--samples", "2", "validation.loss_repeats=1",
+            "data.num_frames=4", "data.resolution=64"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / RESULT_FILE).read_text())
+    assert set(result["gains"]) == {f"gain_{a}" for a in ABLATIONS}
+    assert len(result["keys"]) == 2 and all(result["keys"])
+    assert result["timestep_range"] == [100, 900] and result["seed"] == 0 and result["split"] == "train"
+    assert result["losses"]["swap_samples"] == 1 and "swap_gap" in result["losses"]
