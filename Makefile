@@ -30,7 +30,7 @@ LATENT_PROFILE ?= $(if $(filter demo,$(DATASET)),tiny,full)
 LATENT_RESOLUTION ?= $(if $(filter demo,$(DATASET)),64,)
 
 .DEFAULT_GOAL := help
-.PHONY: tour-check help setup weights shards shards-job latents train-demo animate-demo ray-up ray-down notebook report test test-fast lint format bench clean
+.PHONY: tour-check help setup weights shards shards-job latents train-demo animate-demo learning-check ray-up ray-down notebook report test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -92,6 +92,10 @@ notebook: setup ## the statistics notebook in JupyterLab on 127.0.0.1 for OUT (i
 
 report: setup ## run the statistics notebook headless for OUT and save it as OUT/shard_stats.html
 	$(BIN)/python -m pipeline report --out $(OUT)
+
+learning-check: setup ## train the tiny model on the demo shards on CPU (in-process) and check it uses driving video and reference
+	test -f $(DEMO_OUT)/gaze/select.json || $(MAKE) shards DATASET=demo OUT=$(DEMO_OUT)
+	$(BIN)/python -m train.learning_check --shards $(DEMO_OUT) --out out/learning-check $(ARGS)
 
 ray-up: setup ## start a local Ray head on loopback for `ray job submit` (its own process group)
 	$(BIN)/python scripts/local_ray.py up --state $(RAY_STATE) --port $(RAY_PORT) --dashboard-port $(RAY_DASHBOARD_PORT)

@@ -101,6 +101,22 @@ class ValidationConfig:
     eval_every: int = 0
     eval_clips: int = 2
     eval_steps: int = 4
+    # Conditioning diagnostics (train/diagnostics.py) every loss_every steps, logged as val/cond/*: the
+    # held-out loss with each condition intact, swapped between clips or removed, on the first
+    # cond_samples held-out clips with timesteps spread over [cond_t_min, cond_t_max].
+    conditioning: bool = True
+    cond_samples: int = 4
+    cond_t_min: int = 100
+    cond_t_max: int = 900
+
+    def __post_init__(self) -> None:
+        if self.cond_samples < 1:
+            raise ValueError(f"validation.cond_samples: expected >= 1, got {self.cond_samples}")
+        if not 0 <= self.cond_t_min <= self.cond_t_max:
+            raise ValueError(
+                f"validation.cond_t_min / cond_t_max: expected 0 <= min <= max, got {self.cond_t_min}, "
+                f"{self.cond_t_max}"
+            )
 
 
 @dataclass

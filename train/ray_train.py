@@ -61,7 +61,7 @@ from train.loop import (
     wrap_model,
 )
 from train.preflight import preflight
-from train.validation import held_out_metrics, write_validation_video
+from train.validation import conditioning_batch, held_out_metrics, log_conditioning, write_validation_video
 
 log = logging.getLogger("train")
 
@@ -237,6 +237,7 @@ def run_loop(
     # Every rank holds the held-out batch: the loss runs through the wrapped model (collective under FSDP).
     wanted = section.loss_every > 0 or section.every > 0 or section.eval_every > 0
     held_out = held_out_batch(config, rank) if wanted else None
+    conditioning = conditioning_batch(config, rank) if held_out is not None and section.conditioning else None
     video = (
         held_out is not None and (section.every > 0 or section.eval_every > 0) and config.strategy != "fsdp"
     )
@@ -281,6 +282,8 @@ def run_loop(
                 if writer is not None:
                     writer.add_scalar("val/loss", loss, state.step)
                     log.info("step %d: held-out loss %.4f (%d clips)", state.step, loss, len(held_out["key"]))
+                if conditioning is not None:
+                    log_conditioning(model, conditioning, config, device, writer, state.step)
             if video_now:
                 path = write_validation_video(unwrap(model), held_out, section, run_dir / "validation",
                                               state.step)  # fmt: skip

@@ -1,7 +1,10 @@
-"""The validation video rank 0 renders every few steps: driving | generated | ground truth, side by side."""
+"""Held-out validation beyond the plain loss: the video rank 0 renders every few steps (driving | generated |
+ground truth, side by side), reconstruction metrics, and the conditioning diagnostics (val/cond/*)."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,9 @@ from model.preprocess import to_uint8_frames
 from model.sampling import MegActorPipeline, SamplingConfig
 from pipeline.video import encode_mp4
 from pipeline.writer import atomic_write_bytes
-from train.config import ValidationConfig
+from train.config import TrainConfig, ValidationConfig
+
+log = logging.getLogger(__name__)
 
 VIDEO_FPS = 8.0
 
@@ -73,3 +78,44 @@ def write_validation_video(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, encode_mp4(frames, VIDEO_FPS))
     return path
+
+
+def conditioning_batch(config: TrainConfig, rank: int) -> dict[str, Any] | None:
+    """The conditioning diagnostics' fixed held-out batch (validation.split, cond_samples clips, with the
+    real driving frames of swap clips); None, with a warning on rank 0, when none can be read."""
+    from train.diagnostics import diagnostic_batch
+
+    section = config.validation
+    data = dataclasses.replace(config.data, split=section.split, shards=section.shards or config.data.shards)
+    try:
+        return diagnostic_batch(data, section.cond_samples, seed=section.seed)
+    except (OSError, ValueError) as exc:  # NoShards is a ValueError, missing folders an OSError
+        if rank == 0:
+            log.warning("conditioning diagnostics skipped: %s", exc)
+        return None
+
+
+def log_conditioning(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    config: TrainConfig,
+    device: torch.device,
+    writer: Any | None,
+    step: int,
+) -> dict[str, float]:
+    """Every rank computes the diagnostics (collective under FSDP); rank 0's writer logs val/cond/*."""
+    from train.diagnostics import batch_losses, settings_of, tensorboard_scalars
+    from train.loop import to_model_batch
+
+    losses = batch_losses(model, batch, settings_of(config), to_model_batch, device)
+    if writer is not None:
+        for name, value in tensorboard_scalars(losses).items():
+            writer.add_scalar(name, value, step)
+        log.info(
+            "step %d: conditioning gains driving %+.3f reference %+.3f background %+.3f",
+            step,
+            losses["gain_driving_shuffled"],
+            losses["gain_reference_dropped"],
+            losses["gain_background_shuffled"],
+        )
+    return losses

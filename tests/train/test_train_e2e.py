@@ -154,6 +154,8 @@ def test_stage_2_through_ray_job_submit_then_relaunched_keeps_stage_1s_model(
     config = json.loads((final / "train_config.json").read_text())
     assert (config["data"]["stride"], config["data"]["shards"]) == (12, "gaze/shards")
     assert sorted(tensorboard_scalars(run_dir, "val/loss")) == [3, 6]
+    # the conditioning diagnostics run with the held-out loss
+    assert sorted(tensorboard_scalars(run_dir, "val/cond/gain_driving_shuffled")) == [3, 6]
     assert (run_dir / "validation" / "step_0000006.mp4").is_file()
     # validation.eval_every inside a real run: PSNR / SSIM / L1 logged at step 6 only, in their ranges.
     metrics = {name: tensorboard_scalars(run_dir, f"val/{name}") for name in ("psnr", "ssim", "l1")}
