@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,10 @@ def vae_encode(vae: AutoencoderKL, frames: torch.Tensor, scale: float, chunk: in
     Autocast off: under the trainer's bf16 autocast the convolutions would otherwise run in bf16, and
     the clean latents the noise is added to would differ from latents cached offline in float32.
     """
-    with torch.autocast(frames.device.type, enabled=False):
+    device = frames.device.type
+    # Devices without autocast (meta, in the counting benchmark) have nothing to switch off.
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    with off:
         flat = frames.to(vae.dtype)
         latents = [vae.encode(part).latent_dist.mean.float() for part in flat.split(chunk)]
         return torch.cat(latents) * scale
