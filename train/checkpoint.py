@@ -148,11 +148,18 @@ def _write_export(location: str, tensors: dict[str, torch.Tensor], config: MegAc
 
 
 # --- what is saved --------------------------------------------------------------------------------------
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _is_megactor(model: nn.Module) -> bool:
+    return isinstance(getattr(_unwrapped(model), "config", None), MegActorConfig)
+
+
 def trainable_names(model: nn.Module) -> list[str]:
     """Names of the parameters being trained, as DCP's state dicts name them (no DDP `module.` prefix),
     in the order of model.parameters() (the order of the EMA's shadow weights)."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return [name for name, p in inner.named_parameters() if p.requires_grad]
+    return [name for name, p in _unwrapped(model).named_parameters() if p.requires_grad]
 
 
 def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMAModel | None) -> dict[str, Any]:
@@ -189,7 +196,7 @@ def export_tensors(model: nn.Module, ema: EMAModel | None, rank: int) -> dict[st
 @dataclasses.dataclass
 class _Pending:
     location: str
-    model_config: dict[str, Any]
+    model_config: dict[str, Any] | None  # None: not a MegActor (nothing to rebuild it from)
     upload: Future
     export: Future | None
     state: TrainState
@@ -254,7 +261,7 @@ class Checkpointer:
         else:
             upload = Future()
             upload.set_result(dcp.save(values, **kwargs))
-        config = unwrap(model).config.to_dict()
+        config = _unwrapped(model).config.to_dict() if _is_megactor(model) else None
         self.pending = _Pending(location, config, upload, export, snapshot, dict(metrics or {}))
         blocked = time.perf_counter() - started
         self.blocked_s.append(blocked)
@@ -270,7 +277,8 @@ class Checkpointer:
         if pending.export is not None:
             pending.export.result()
         if self.rank == 0:
-            _put_json(storage.join(pending.location, MODEL_CONFIG_FILE), pending.model_config)
+            if pending.model_config is not None:
+                _put_json(storage.join(pending.location, MODEL_CONFIG_FILE), pending.model_config)
             _put_json(storage.join(pending.location, CONFIG_FILE), self.config.to_dict())
             _put_json(storage.join(pending.location, STATE_FILE), dataclasses.asdict(pending.state))
         if self.group is not None:
