@@ -67,6 +67,7 @@ def before_module(ref: str | None) -> tuple[str, ModuleType]:
     path.write_text(source.stdout)
     spec = importlib.util.spec_from_file_location("loop_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return commit.stdout.strip(), module
 
