@@ -26,13 +26,14 @@ interleave with the training's), and the next save first waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -98,13 +99,19 @@ def _writer(location: str) -> FileSystemWriter:
     return writer
 
 
-def _reader(location: str) -> FileSystemReader:
+@contextlib.contextmanager
+def _local_state(location: str) -> Iterator[str]:
+    """A local folder holding the DCP files at `location`: itself, or for a remote prefix a temporary
+    copy (removed after). DCP's reader, given an S3 file object, stalls in torch.load's zip reads
+    (ranged reads of the open object); whole-object downloads are quick and plain."""
     if not storage.is_remote(location):
-        return FileSystemReader(location)
-    path = storage.filesystem(location)[1]
-    reader = FileSystemReader(path)
-    reader.fs, reader.path = _ArrowFileSystem(location), path
-    return reader
+        yield location
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-state-") as local:
+        started = time.perf_counter()
+        storage.download_tree(location, local)
+        log.info("downloaded %s in %.1f s", location, time.perf_counter() - started)
+        yield local
 
 
 def _put_json(location: str, data: dict[str, Any]) -> None:
@@ -360,7 +367,8 @@ def load_training_state(
     ema: EMAModel | None = None,
 ) -> TrainState:
     """After wrapping (every rank): the trainable weights, AdamW state, EMA and scheduler of a checkpoint,
-    resharded to this world size; returns the run's position. Each rank reads only what it holds."""
+    resharded to this world size; returns the run's position. Locally each rank reads only what it
+    holds; from remote storage each rank first downloads state/ to a temporary folder."""
     location = storage.join(str(checkpoint), STATE_DIR)
     if not storage.is_file(storage.join(location, ".metadata")):
         raise FileNotFoundError(
@@ -376,7 +384,8 @@ def load_training_state(
     # optim.fused (and this machine's devices) decide.
     implementation = [{k: g.get(k) for k in IMPLEMENTATION_FLAGS} for g in optimizer.param_groups]
     # In place, resharded to this world size.
-    dcp.load(values, storage_reader=_reader(location), no_dist=not dist.is_initialized())
+    with _local_state(location) as local:
+        dcp.load(values, storage_reader=FileSystemReader(local), no_dist=not dist.is_initialized())
     set_model_state_dict(model, values["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, values["optim"])
     for group, flags in zip(optimizer.param_groups, implementation, strict=True):

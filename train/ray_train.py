@@ -194,7 +194,7 @@ def train_worker(config_dict: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
     resume = ray.train.get_checkpoint()
-    # Read in place (a URI for remote storage): nothing is downloaded but what this rank loads.
+    # The checkpoint where Ray Train registered it (a URI for remote storage; its state/ is fetched on load).
     checkpoint = (
         storage.join(config.storage_path, config.name, storage.name_of(resume.path)) if resume else None
     )

@@ -1,5 +1,5 @@
 """Training checkpoints: only trainable state, per-rank DCP shards written asynchronously, resharded across
-world sizes, and the exported model/ readable by model.loading."""
+world sizes, the exported model/ readable by model.loading, and the same on s3:// (a moto server)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from train.checkpoint import (
     load_training_state,
     resolve_init_checkpoint,
     save_training_checkpoint,
+    start_model,
 )
 from train.config import EMAConfig, TrainConfig, load_train_config
 from train.ema import make_ema
@@ -208,3 +209,41 @@ def test_a_checkpoint_holds_only_trainable_state_and_exports_model_when_due(
     for a, b, c, d in zip(params, fresh_params, ema.shadow_params, fresh_ema.shadow_params, strict=True):
         assert torch.equal(a, b) and torch.equal(c, d)
     assert json.loads((first / MODEL_CONFIG_FILE).read_text()) == model.config.to_dict()
+
+
+def test_a_checkpoint_goes_straight_to_s3_and_resumes_from_there(tiny_model_weights: Path) -> None:
+    """s3:// storage (a moto server): each rank's file and model/ streamed as objects, no local folder;
+    the resume and stage 2's init_from read them back."""
+    from s3_helpers import aws_environment, moto_server, object_keys, s3_client
+
+    from train.ray_train import remote_init_checkpoint
+
+    with moto_server() as endpoint, aws_environment(endpoint):
+        s3_client().create_bucket(Bucket="ckpt")
+        config, model, params, optimizer, scheduler, ema = _tiny(
+            tiny_model_weights, **{"ema.enabled": "true"}
+        )
+        _perturb(params, ema, 1e-3)
+        uri = "s3://ckpt/train/run/checkpoint_0000002"
+        save_training_checkpoint(uri, model, optimizer, scheduler, TrainState(step=2), config, 0, ema)
+        prefix = "train/run/checkpoint_0000002/"
+        objects = [key for key in object_keys("ckpt", "train/") if not key.endswith("/")]  # no folder markers
+        assert objects == [
+            prefix + name
+            for name in ("model/config.json", "model/model.safetensors", MODEL_CONFIG_FILE,
+                         "state/.metadata", "state/__0_0.distcp", "train_config.json", STATE_FILE)
+        ]  # fmt: skip
+
+        fresh = load_training_model(tiny_model_weights, uri, {})
+        fresh_params = list(fresh.trainable_parameters("stage1").values())
+        fresh_optimizer = make_optimizer(fresh_params, config.optim)
+        fresh_ema = make_ema(fresh_params, config.ema)
+        load_training_state(fresh, fresh_optimizer, make_lr_scheduler(fresh_optimizer, 0), uri, fresh_ema)
+        for a, b, c, d in zip(params, fresh_params, ema.shadow_params, fresh_ema.shadow_params, strict=True):
+            assert torch.equal(a, b) and torch.equal(c, d)
+
+        assert remote_init_checkpoint("run", "s3://ckpt/train") == f"{uri}/model"
+        stage2 = start_model(tiny_model_weights, f"{uri}/model", {})
+        weights = stage2.state_dict()
+        for name, shadow in zip(trainable(model), ema.shadow_params, strict=True):
+            assert torch.equal(weights[name], shadow), name  # the exported average
