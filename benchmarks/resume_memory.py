@@ -2,12 +2,13 @@
 
     python benchmarks/resume_memory.py                     # ~100 M trainable parameters, 2 CPU ranks (gloo)
 
-One optimizer.pt is written first, the way the trainer writes it (full state dict keyed by parameter
-name). Then, for each strategy (ddp, fsdp) and each loader, two spawned gloo processes build the model
-and a fresh AdamW and load it:
+The same state is written first as one optimizer.pt (full state dict keyed by parameter name) and as a
+training checkpoint (train/checkpoint.py: DCP, one file per rank). Then, for each strategy (ddp, fsdp)
+and each loader, two spawned gloo processes build the model and a fresh AdamW and load it:
 
-    today   every rank torch.load()s the whole file into its own memory (the earlier loader)
-    fixed   train.loop.load_optimizer_state: rank 0 memory-maps the file, broadcasts tensor by tensor
+    today   every rank torch.load()s the whole optimizer.pt into its own memory
+    fixed   train.checkpoint.load_training_state: each rank reads what it holds from the DCP checkpoint
+            (the trainable weights too, so its figures include them)
 
 Per rank: RSS before the load, peak RSS during it (VmHWM reset just before), RSS after, and the peak of
 private (anonymous) memory, sampled every 2 ms: mapped file pages count in RSS but are page cache,
@@ -40,7 +41,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.loop import OPTIMIZER_FILE, STATE_FILE, TrainState, load_optimizer_state  # noqa: E402
+from train.checkpoint import load_training_state, save_training_checkpoint  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.loop import TrainState  # noqa: E402
+
+OPTIMIZER_FILE = "optimizer.pt"
 
 MIB = 2**20
 WORLD = 2
@@ -62,8 +67,8 @@ def write_checkpoint(folder: Path, width: int, layers: int) -> int:
     scheduler.step()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     torch.save(get_optimizer_state_dict(model, optimizer, options=options), folder / OPTIMIZER_FILE)
-    state = TrainState(step=1, lr_scheduler=scheduler.state_dict())
-    (folder / STATE_FILE).write_text(json.dumps(vars(state)))
+    save_training_checkpoint(folder / "dcp", model, optimizer, scheduler, TrainState(step=1),
+                             TrainConfig(export_every=10**9), rank=0)  # fmt: skip
     return sum(p.numel() for p in model.parameters())
 
 
@@ -120,7 +125,7 @@ def worker(rank: int, folder: str, init: str, strategy: str, how: str, width: in
     if how == "today":
         load_today(wrapped, optimizer, Path(folder))
     else:
-        load_optimizer_state(wrapped, optimizer, scheduler, Path(folder))
+        load_training_state(wrapped, optimizer, scheduler, Path(folder) / "dcp")
     seconds = time.perf_counter() - started
     anon_peak = sampler.stop()
     result = {

@@ -79,7 +79,7 @@ def load_for_eval(checkpoint: Path, model_weights_dir: str | None = None) -> tup
     """The model a checkpoint holds (a run folder, a training checkpoint or a MegActor checkpoint), its
     pretrained components from the run's own model section (train_config.json), else model_weights_dir
     or $WEIGHTS_DIR; returns the model and the run's training config (empty without one)."""
-    from train.loop import CONFIG_FILE, MODEL_DIR, resolve_init_checkpoint
+    from train.checkpoint import CONFIG_FILE, MODEL_DIR, resolve_init_checkpoint
 
     megactor_dir = resolve_init_checkpoint(str(checkpoint), "")
     train_config_path = megactor_dir.parent / CONFIG_FILE if megactor_dir.name == MODEL_DIR else None

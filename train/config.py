@@ -147,6 +147,9 @@ class TrainConfig:
     max_steps: int = 100_000
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    # Steps between exports of model/ (the plain MegActor folder model.animate and stage 2 read) inside a
+    # checkpoint; 0: with every checkpoint. The last step always exports.
+    export_every: int = 0
     log_every: int = 10
     mixed_precision: str = "bf16"  # autocast dtype of the UNets; weights and optimiser stay fp32
     strategy: str = "ddp"  # ddp, or fsdp to shard parameters, gradients and optimiser states
@@ -171,6 +174,10 @@ class TrainConfig:
         for key in ("max_steps", "checkpoint_every", "num_workers", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)}")
+        if self.export_every < 0:
+            raise ValueError(
+                f"export_every: expected >= 0 (0: with every checkpoint), got {self.export_every}"
+            )
         if self.validation.samples < 1 or self.validation.loss_repeats < 1:
             raise ValueError("validation.samples and validation.loss_repeats: expected >= 1")
         if self.data.steps_per_epoch < 1 or self.data.batch_size < 1:

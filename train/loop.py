@@ -1,62 +1,26 @@
-"""The training step and everything it needs that is not Ray: loss, optimiser, wrapping, checkpoints.
-
-A training checkpoint is a folder:
-
-    model/                     config.json + model.safetensors: the exported MegActor checkpoint
-                               (animate / stage 2 read it); with EMA on, the averaged weights
-    train_weights.safetensors  with EMA on only: the optimiser's own weights of the trainable parameters
-    optimizer.pt               AdamW state keyed by parameter name (torch.load(weights_only=True) reads it)
-    train_state.json           step, samples seen, data seed / epoch / offset, LR scheduler and EMA counters
-    train_config.json          the TrainConfig that wrote it
-
-A resume rebuilds the model from model/config.json (not from the stage YAML), so a relaunch or a
-max_failures restart trains exactly the model the checkpoint holds.
-"""
+"""The training step and everything it needs that is not Ray: loss, optimiser, wrapping, the run's
+position. Checkpoints: train/checkpoint.py."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from diffusers.training_utils import EMAModel, compute_snr
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from diffusers.training_utils import compute_snr
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
-from model.config import MegActorConfig
-from model.loading import CONFIG_FILE as MODEL_CONFIG_FILE
-from model.loading import SAVED_MODULES, build_megactor, load_checkpoint, save_checkpoint
 from model.megactor import MegActor, MegActorBatch
 from train.config import OptimConfig, TrainConfig
-from train.ema import ema_counters, ema_full_state, load_ema_state
 
 log = logging.getLogger(__name__)
-
-MODEL_DIR = "model"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "train_state.json"
-CONFIG_FILE = "train_config.json"
-TRAIN_WEIGHTS_FILE = "train_weights.safetensors"
-# Model settings that change memory or speed only: a relaunch may change them, all others come from the
-# checkpoint being resumed.
-RUNTIME_MODEL_FIELDS = ("gradient_checkpointing",)
-IMPLEMENTATION_FLAGS = ("fused", "foreach")  # AdamW param-group keys that pick a kernel, not the maths
 
 
 @dataclass
@@ -293,155 +257,6 @@ def train_step(
     optimizer.step()
     lr_scheduler.step()
     return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": float(lr)}
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------
-def save_training_checkpoint(
-    out_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: TrainState,
-    config: TrainConfig,
-    rank: int,
-    ema: EMAModel | None = None,
-) -> None:
-    """Every rank calls this (FSDP gathers full states collectively); rank 0 writes the files."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
-    averaged = ema_full_state(ema, list(trainable(model))) if ema is not None else None
-    if rank != 0:
-        return
-    megactor = unwrap(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trained = {k: v for k, v in model_state.items() if k.startswith(SAVED_MODULES)}
-    state.ema = {}
-    if averaged is not None:  # export the average; keep the optimiser's own weights for a resume
-        own = {name: trained[name].contiguous() for name in averaged}
-        save_file(own, str(out_dir / TRAIN_WEIGHTS_FILE), metadata={"format": "megactor-train"})
-        trained = {**trained, **averaged}
-        state.ema = ema_counters(ema)
-    save_checkpoint(megactor, out_dir / MODEL_DIR, state=trained)
-    torch.save(optimizer_state, out_dir / OPTIMIZER_FILE)
-    state.lr_scheduler = lr_scheduler.state_dict()
-    (out_dir / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-
-
-def read_train_state(checkpoint_dir: Path) -> TrainState:
-    return TrainState(**json.loads((checkpoint_dir / STATE_FILE).read_text()))
-
-
-def resume_model_config(checkpoint_dir: Path, overrides: dict[str, Any]) -> MegActorConfig:
-    """The model config a training checkpoint was written with; of the current model.config overrides
-    only the RUNTIME_MODEL_FIELDS apply (the others would silently change the objective or the weights'
-    layout), and differing ones are named in a warning."""
-    saved = MegActorConfig.load(checkpoint_dir / MODEL_DIR / MODEL_CONFIG_FILE).to_dict()
-    ignored = {k: v for k, v in overrides.items() if k not in RUNTIME_MODEL_FIELDS and saved.get(k, v) != v}
-    if ignored:
-        kept = {k: saved.get(k) for k in ignored}
-        log.warning("resuming from %s: model.config %s ignored, the checkpoint's %s kept", checkpoint_dir,
-                    ignored, kept)  # fmt: skip
-    runtime = {k: overrides[k] for k in RUNTIME_MODEL_FIELDS if k in overrides}
-    return MegActorConfig.from_dict({**saved, **runtime})
-
-
-def load_training_model(weights_dir: Path, checkpoint_dir: Path, overrides: dict[str, Any]) -> MegActor:
-    """Before wrapping: the model a training checkpoint holds, with the optimiser's own weights (the
-    exported model/ holds the EMA average when EMA is on; load_ema_weights reads it back)."""
-    model = build_megactor(weights_dir, resume_model_config(checkpoint_dir, overrides))
-    load_checkpoint(model, checkpoint_dir / MODEL_DIR)
-    own = checkpoint_dir / TRAIN_WEIGHTS_FILE
-    if own.is_file():
-        weights = load_file(str(own))
-        unknown = sorted(set(weights) - set(model.state_dict()))
-        if unknown:
-            raise ValueError(f"{own}: tensors {unknown[:5]} ({len(unknown)} in all) are not in the model")
-        model.load_state_dict(weights, strict=False)
-    return model
-
-
-def load_ema_weights(ema: EMAModel, model: nn.Module, checkpoint_dir: Path) -> bool:
-    """After wrapping: the average a checkpoint exported into `ema`; False (EMA restarts from the current
-    weights) when the checkpoint was written without EMA."""
-    state = read_train_state(checkpoint_dir)
-    if not state.ema or not (checkpoint_dir / TRAIN_WEIGHTS_FILE).is_file():
-        log.warning("%s holds no EMA: the average starts from the resumed weights", checkpoint_dir)
-        return False
-    names = list(trainable(model))
-    with safe_open(str(checkpoint_dir / MODEL_DIR / "model.safetensors"), "pt") as exported:
-        missing = sorted(set(names) - set(exported.keys()))
-        if missing:
-            raise ValueError(
-                f"{checkpoint_dir}: the exported model lacks averaged {missing[:5]} ({len(missing)})"
-            )
-        load_ema_state(ema, names, exported.get_tensor, state.ema)
-    return True
-
-
-def load_optimizer_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    checkpoint_dir: Path,
-) -> TrainState:
-    """After wrapping: optimiser and scheduler state; returns the run's position.
-
-    Host memory: only rank 0 reads optimizer.pt, memory-mapped (pages come from the file as they are
-    copied, no private copy of the whole state), and broadcasts it tensor by tensor; each rank keeps what
-    its optimiser holds. Loading it whole on every rank held world_size full AdamW states in host RAM
-    at once (benchmarks/resume_memory.py).
-    """
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    optimizer_state: dict[str, Any] = {}
-    if not distributed or dist.get_rank() == 0:
-        optimizer_state = torch.load(
-            checkpoint_dir / OPTIMIZER_FILE, map_location="cpu", weights_only=True, mmap=True
-        )
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
-    # The saved param groups carry the fused / foreach flags of the run that wrote them; this run's
-    # optim.fused (and this machine's devices) decide.
-    implementation = [{k: g.get(k) for k in IMPLEMENTATION_FLAGS} for g in optimizer.param_groups]
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-    for group, flags in zip(optimizer.param_groups, implementation, strict=True):
-        group.update(flags)
-    state = read_train_state(checkpoint_dir)
-    lr_scheduler.load_state_dict(state.lr_scheduler)
-    return state
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step a training checkpoint folder was written at, -1 when it is not one."""
-    try:
-        return read_train_state(path).step
-    except (OSError, json.JSONDecodeError, TypeError):
-        return -1
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The training checkpoint with the highest step in a run folder."""
-    candidates = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and checkpoint_step(p) >= 0]
-    return max(candidates, key=checkpoint_step, default=None)
-
-
-def resolve_init_checkpoint(init_from: str, storage_path: str) -> Path:
-    """A run name under storage_path, a run folder, a training checkpoint or a MegActor checkpoint ->
-    the MegActor checkpoint folder (config.json + model.safetensors) to start from."""
-    tried = []
-    for candidate in (Path(storage_path) / init_from, Path(init_from)):
-        tried.append(str(candidate))
-        if (candidate / "model.safetensors").is_file():
-            return candidate.resolve()
-        if (candidate / MODEL_DIR / "model.safetensors").is_file():
-            return (candidate / MODEL_DIR).resolve()
-        latest = latest_checkpoint(candidate) if candidate.is_dir() else None
-        if latest is not None:
-            return (latest / MODEL_DIR).resolve()
-    raise FileNotFoundError(
-        f"model.init_from={init_from!r}: expected a run name under storage_path, a run folder with "
-        f"checkpoints, or a checkpoint folder; found none at {tried}. Train stage 1 first."
-    )
 
 
 def batches_after(loader: Iterator[dict[str, Any]], skip: int) -> Iterator[dict[str, Any]]:

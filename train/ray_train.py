@@ -1,14 +1,14 @@
 """Ray Train: one training process per GPU (or CPU), each streaming its own shards into MegActor.
 
 launch(config) runs on the driver (a Ray Job or a plain `python jobs/stageN.py`); train_worker(config)
-runs in every worker. Checkpoints go through ray.train.report into RunConfig(storage_path, name):
-relaunching with the same name resumes from the latest one, and FailureConfig restarts a failed worker
-group from it.
+runs in every worker. Every rank writes its part of a checkpoint straight into storage_path/name
+(train/checkpoint.py), and once it is complete ray.train.report registers that folder in place (no copy):
+relaunching with the same name resumes from the latest one, FailureConfig restarts a failed worker
+group from it, and CheckpointConfig(num_to_keep) deletes older ones.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,33 +25,35 @@ import ray
 import ray.train
 import torch
 from diffusers.training_utils import EMAModel
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm.auto import tqdm
 
 from model.components import check_weights_dir
-from model.loading import build_megactor, ensure_tiny_weights, load_megactor
+from model.loading import ensure_tiny_weights
 from model.megactor import MegActor
 from pipeline import storage
 from pipeline.dag import init_ray
 from pipeline.weights import DEFAULT_TINY_DIR
+from train.checkpoint import (
+    MODEL_DIR,
+    Checkpointer,
+    load_training_model,
+    load_training_state,
+    resolve_init_checkpoint,
+    start_model,
+)
 from train.config import ModelSection, TrainConfig
 from train.data import STAT_NAMES, NoShards, fixed_batch, make_loader
 from train.ema import averaged_weights, make_ema
 from train.loop import (
-    MODEL_DIR,
     TrainState,
     batches_after,
     data_position,
     evaluation_loss,
-    load_ema_weights,
-    load_optimizer_state,
-    load_training_model,
     make_lr_scheduler,
     make_optimizer,
     mean_across_ranks,
-    resolve_init_checkpoint,
-    save_training_checkpoint,
     step_generator,
     sum_counts,
     to_model_batch,
@@ -80,19 +82,14 @@ def model_weights_dir(section: ModelSection) -> Path:
     return Path(chosen)
 
 
-def build_model(config: TrainConfig, resume_dir: Path | None = None) -> MegActor:
+def build_model(config: TrainConfig, resume: str | Path | None = None) -> MegActor:
     """Stage 1: the pretrained components; stage 2 (init_from): a stage-1 checkpoint, config overrides on top.
-    A resume (relaunch or max_failures restart) rebuilds exactly the model its checkpoint holds."""
+    A resume (relaunch or max_failures restart) rebuilds the model its checkpoint was trained as; its
+    trained weights are loaded after wrapping (load_training_state)."""
     weights_dir = model_weights_dir(config.model)
-    if resume_dir is not None:
-        return load_training_model(weights_dir, resume_dir, config.model.config)
-    if config.model.init_from and storage.is_remote(config.model.init_from):  # a checkpoint in the store
-        with tempfile.TemporaryDirectory(prefix="init-") as local:
-            storage.download_tree(config.model.init_from, local)
-            return load_megactor(weights_dir, local, overrides=config.model.config)
-    if config.model.init_from:
-        return load_megactor(weights_dir, config.model.init_from, overrides=config.model.config)
-    return build_megactor(weights_dir, config.megactor_config())
+    if resume is not None:
+        return load_training_model(weights_dir, resume, config.model.config)
+    return start_model(weights_dir, config.model.init_from, config.model.config)
 
 
 class Window:
@@ -166,12 +163,26 @@ def run_config(config: TrainConfig) -> RunConfig:
     )
 
 
-def _report(metrics: dict[str, Any], save: Any, step: int, rank: int) -> None:
-    """Every rank calls ray.train.report the same number of times; rank 0 attaches the checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        save(Path(tmp))
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+def checkpoint_location(config: TrainConfig, step: int) -> str:
+    """storage_path/name/checkpoint_<step>: where Ray Train keeps the run's checkpoints."""
+    return storage.join(config.storage_path, config.name, f"checkpoint_{step:07d}")
+
+
+def _report_in_place(rank: int) -> Any:
+    """on_commit for the Checkpointer: every rank calls ray.train.report the same number of times; rank 0
+    registers the complete folder already in the run's storage (NO_UPLOAD: nothing copied)."""
+
+    def report(location: str, metrics: dict[str, Any]) -> None:
+        name = storage.name_of(location)
+        checkpoint = None
+        if rank == 0:
+            run = ray.train.get_context().get_storage()
+            checkpoint = ray.train.Checkpoint(path=f"{run.experiment_fs_path.rstrip('/')}/{name}",
+                                              filesystem=run.storage_filesystem)  # fmt: skip
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)  # fmt: skip
+
+    return report
 
 
 def train_worker(config_dict: dict[str, Any]) -> None:
@@ -184,25 +195,24 @@ def train_worker(config_dict: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
     resume = ray.train.get_checkpoint()
-    with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
-        checkpoint = Path(resume_dir) if resume_dir else None
-        model = build_model(config, checkpoint)
-        model.trainable_parameters(config.stage)  # sets requires_grad for the stage
-        model.train()
-        wrapped = wrap_model(model, config.strategy, device, config.ddp.grad_compression,
-                             config.mixed_precision == "bf16" and config.fsdp.bf16_params)  # fmt: skip
-        params = list(trainable(wrapped).values())  # FSDP2 swaps in sharded ones
-        optimizer = make_optimizer(params, config.optim)
-        lr_scheduler = make_lr_scheduler(optimizer, config.optim.warmup_steps)
-        ema = make_ema(params, config.ema) if config.ema.enabled else None
-        state = TrainState(seed=config.seed)
-        if checkpoint is not None:
-            state = load_optimizer_state(wrapped, optimizer, lr_scheduler, checkpoint)
-            if ema is not None:
-                load_ema_weights(ema, wrapped, checkpoint)
-            log.info(
-                "resumed at step %d (data epoch %d, batch %d)", state.step, state.epoch, state.epoch_offset
-            )
+    # The checkpoint where Ray Train registered it (a URI for remote storage; its state/ is fetched on load).
+    checkpoint = (
+        storage.join(config.storage_path, config.name, storage.name_of(resume.path)) if resume else None
+    )
+    model = build_model(config, checkpoint)
+    model.trainable_parameters(config.stage)  # sets requires_grad for the stage
+    model.train()
+    wrapped = wrap_model(model, config.strategy, device, config.ddp.grad_compression,
+                         config.mixed_precision == "bf16" and config.fsdp.bf16_params)  # fmt: skip
+    params = list(trainable(wrapped).values())  # FSDP2 swaps in sharded ones
+    optimizer = make_optimizer(params, config.optim)
+    lr_scheduler = make_lr_scheduler(optimizer, config.optim.warmup_steps)
+    ema = make_ema(params, config.ema) if config.ema.enabled else None
+    state = TrainState(seed=config.seed)
+    if checkpoint is not None:
+        state = load_training_state(wrapped, optimizer, lr_scheduler, checkpoint, ema)
+        log.info("resumed from %s at step %d (data epoch %d, batch %d)", checkpoint, state.step, state.epoch,
+                 state.epoch_offset)  # fmt: skip
     run_loop(config, wrapped, params, optimizer, lr_scheduler, state, rank, world_size, device, ema)
 
 
@@ -264,9 +274,14 @@ def run_loop(
     data_counts: Counter[str] = Counter()
     window = Window()
 
-    def save(out: Path) -> None:
+    checkpointer = Checkpointer(config, rank, on_commit=_report_in_place(rank))
+
+    def save(metrics: dict[str, Any]) -> None:
         state.epoch, state.epoch_offset = data_position(state.step, config.data.steps_per_epoch)
-        save_training_checkpoint(out, model, optimizer, lr_scheduler, state, config, rank, ema)
+        location = checkpoint_location(config, state.step)
+        blocked = checkpointer.save(location, model, optimizer, lr_scheduler, state, ema, metrics)
+        if writer is not None:
+            writer.add_scalar("train/checkpoint_blocked_s", blocked, state.step)
 
     def validate() -> None:
         """Held-out loss (fixed noise and timesteps) and video, with the EMA weights when EMA is on."""
@@ -344,7 +359,7 @@ def run_loop(
                         "samples_seen": state.samples_seen,
                         "epoch": epoch,
                     }
-                    _report(report, save, state.step, rank)
+                    save(report)  # reported once every rank's part is stored (at the next save)
                     if writer is not None and step_log is not None:
                         writer.flush()
                         step_log.flush()
@@ -353,6 +368,7 @@ def run_loop(
             if state.step >= config.max_steps:
                 break
     progress.close()
+    checkpointer.close()  # the last checkpoint complete and reported
     totals = sum_counts(data_counts, STAT_NAMES, device)
     if writer is not None:
         writer.close()

@@ -4,9 +4,7 @@ data epochs, and the stage configs' gradient checkpointing."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -17,18 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from shard_helpers import write_synthetic_shards
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from train.config import EMAConfig, OptimConfig, load_train_config
+from train.checkpoint import load_training_state, save_training_checkpoint
+from train.config import EMAConfig, OptimConfig, TrainConfig, load_train_config
 from train.data import DataConfig, make_loader
 from train.ema import make_ema
 from train.loop import (
-    OPTIMIZER_FILE,
-    STATE_FILE,
     TrainState,
     ddp_wrap,
     fsdp_precision,
-    load_optimizer_state,
     make_lr_scheduler,
     make_optimizer,
 )
@@ -81,14 +76,13 @@ def test_a_resume_keeps_this_runs_adamw_kernel(tmp_path: Path) -> None:
     writer = make_optimizer(list(model.parameters()), OptimConfig(fused=False))
     model(torch.randn(2, 4)).sum().backward()
     writer.step()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # as a training checkpoint saves it
-    torch.save(get_optimizer_state_dict(model, writer, options=options), tmp_path / OPTIMIZER_FILE)
+    config = TrainConfig(export_every=1000)  # a bare Linear: no MegActor to export
+    save_training_checkpoint(
+        tmp_path, model, writer, make_lr_scheduler(writer, 0), TrainState(step=1), config, 0
+    )
     model.zero_grad(set_to_none=True)  # as in a fresh process
     reader = make_optimizer(list(model.parameters()), OptimConfig(fused=True))
-    scheduler = make_lr_scheduler(reader, 0)
-    state = TrainState(step=1, lr_scheduler=scheduler.state_dict())
-    (tmp_path / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
-    load_optimizer_state(model, reader, scheduler, tmp_path)
+    load_training_state(model, reader, make_lr_scheduler(reader, 0), tmp_path)
     group = reader.param_groups[0]
     assert group["fused"] is True and not group["foreach"]
     assert torch.equal(reader.state[model.weight]["exp_avg"], writer.state[model.weight]["exp_avg"])

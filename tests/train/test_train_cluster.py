@@ -14,9 +14,9 @@ from cluster_helpers import placement, two_node_cluster
 from ray_helpers import PYTHON, REPO
 from test_train_e2e import TINY, read_step_log, registered_steps
 
+from train.checkpoint import latest_checkpoint, read_train_state
 from train.config import load_train_config
 from train.data import make_loader
-from train.loop import latest_checkpoint, read_train_state
 
 pytestmark = pytest.mark.slow
 

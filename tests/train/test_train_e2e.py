@@ -17,9 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from model.config import MegActorConfig
 from model.loading import build_megactor, save_checkpoint
+from train.checkpoint import MODEL_DIR, STATE_DIR, STATE_FILE, latest_checkpoint, read_train_state
 from train.config import load_train_config
 from train.data import make_loader
-from train.loop import MODEL_DIR, STATE_FILE, TRAIN_WEIGHTS_FILE, latest_checkpoint, read_train_state
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +150,9 @@ def test_stage_2_through_ray_job_submit_then_relaunched_keeps_stage_1s_model(
     assert any(
         k.startswith("driven_encoder.ada.") for k in load_file(str(final / MODEL_DIR / "model.safetensors"))
     )
-    assert (final / TRAIN_WEIGHTS_FILE).is_file() and read_train_state(final).ema["optimization_step"] == 6
+    assert (final / STATE_DIR / ".metadata").is_file() and read_train_state(final).ema[
+        "optimization_step"
+    ] == 6
     config = json.loads((final / "train_config.json").read_text())
     assert (config["data"]["stride"], config["data"]["shards"]) == (12, "gaze/shards")
     assert sorted(tensorboard_scalars(run_dir, "val/loss")) == [3, 6]
@@ -161,6 +163,14 @@ def test_stage_2_through_ray_job_submit_then_relaunched_keeps_stage_1s_model(
     metrics = {name: tensorboard_scalars(run_dir, f"val/{name}") for name in ("psnr", "ssim", "l1")}
     assert all(sorted(values) == [6] for values in metrics.values()), metrics
     assert 0 < metrics["psnr"][6] < 100 and -1 <= metrics["ssim"][6] <= 1 and 0 <= metrics["l1"][6] <= 1
+
+
+def saved_state(checkpoint: Path, scratch: Path) -> dict:
+    """A training checkpoint's DCP state as one nested dict of full tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint / STATE_DIR, scratch)
+    return torch.load(scratch, weights_only=True)
 
 
 def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path: Path) -> None:
@@ -181,7 +191,7 @@ def test_fsdp_trains_like_ddp(demo_out: Path, tiny_model_weights: Path, tmp_path
         run_dir = tmp_path / strategy
         losses = [line["loss"] for line in read_step_log(run_dir) if "loss" in line]
         final = latest_checkpoint(run_dir)
-        weights = load_file(str(final / TRAIN_WEIGHTS_FILE))  # the optimiser's own
+        weights = saved_state(final, tmp_path / f"{strategy}.pt")["model"]  # the optimiser's own
         averaged = load_file(str(final / MODEL_DIR / "model.safetensors"))  # the exported EMA
         runs[strategy] = (losses, weights, averaged)
     (ddp_losses, ddp, ddp_ema), (fsdp_losses, fsdp, fsdp_ema) = runs["ddp"], runs["fsdp"]
