@@ -2,8 +2,8 @@
 
     python -m train.diagnose --checkpoint CKPT --shards OUT --split val --out DIR
 
-CKPT: a training checkpoint folder (its exported model/ is read), or a MegActor checkpoint folder
-(config.json + model.safetensors). OUT: a shard build's output folder (its shards/ are read) or a folder
+CKPT: a run folder (its latest checkpoint), a training checkpoint folder (its exported model/ is read), or
+a MegActor checkpoint folder (config.json + model.safetensors). OUT: a shard build's output folder (its shards/ are read) or a folder
 of shards. The data settings (resolution, frames, stride) come from the run's train_config.json next to
 the checkpoint when there is one, else from --config overlays and key=value overrides.
 """
@@ -24,16 +24,24 @@ from model.loading import CONFIG_FILE, WEIGHTS_FILE, ensure_tiny_weights, load_m
 from model.megactor import MegActor
 from pipeline.config import deep_merge, parse_overrides
 from pipeline.writer import atomic_write_bytes
+from train.checkpoint import MODEL_DIR, latest_checkpoint
 from train.config import CONFIG_DIR, TrainConfig, load_train_config
 from train.data import DataConfig
 from train.diagnostics import DiagnosticsSettings, batch_losses, diagnostic_batch, settings_of
-from train.loop import MODEL_DIR, to_model_batch
+from train.loop import to_model_batch
 
 log = logging.getLogger("train.diagnose")
 
 RESULT_FILE = "diagnostics.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 DEFAULT_TINY_WEIGHTS = Path("out/tiny_model")
+
+
+def resolve_run(path: Path) -> Path:
+    """A run folder (storage_path/name) -> its latest checkpoint holding an exported model/; any other
+    path as it is."""
+    latest = latest_checkpoint(path, exported=True) if path.is_dir() else None
+    return latest if latest is not None else path
 
 
 def model_folder(checkpoint: Path) -> Path:
@@ -132,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    folder = model_folder(args.checkpoint)
-    config = run_config(args.checkpoint, args.config, args.overrides)
+    checkpoint = resolve_run(args.checkpoint)
+    folder = model_folder(checkpoint)
+    config = run_config(checkpoint, args.config, args.overrides)
     data = dataclasses.replace(config.data, shards=str(shard_folder(args.shards).resolve()), split=args.split)
     model = load_megactor(weights_folder(args.weights_dir), folder)
     samples = args.samples or config.validation.cond_samples
