@@ -40,6 +40,7 @@ from pipeline.writer import (
     committed_names,
     is_disk_full,
     read_json,
+    remove_uncommitted,
     writing,
 )
 
@@ -123,14 +124,7 @@ def committed_shards(shards_dir: str) -> list[str]:
 
 def remove_uncommitted_latents(shards_dir: str) -> list[str]:
     """Temp files and latent tars without a marker, left by a killed pass (one pass per folder at a time)."""
-    folder = latent_folder(shards_dir)
-    committed = set(committed_names(folder))
-    removed = []
-    for name in storage.list_names(folder):
-        if name.startswith(".") or name.split(".", 1)[0] not in committed:
-            storage.delete(storage.join(folder, name))
-            removed.append(name)
-    return removed
+    return remove_uncommitted(latent_folder(shards_dir))
 
 
 def shard_samples(shard: str) -> Iterator[dict[str, Any]]:
