@@ -227,5 +227,15 @@ def make_protocol_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli() -> int:
+    """main() with input errors as one line (exit 2): a wrong path or a split that cannot give what was
+    asked is the user's to fix, and the message says how; anything else keeps its traceback."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
