@@ -24,10 +24,10 @@ ANIMATE_OUT ?= out/animate-demo
 # The URL jupyter prints opens the notebook itself, not the Launcher.
 NOTEBOOK_URL := /lab/tree/notebooks/shard_stats.ipynb
 DEVICE ?= auto
-# The VAE that encodes must be the trainer's: the demo trains the tiny profile (configs/train/tiny.yaml).
-LATENT_PROFILE ?= $(if $(filter demo,$(DATASET)),tiny,full)
+# The VAE that encodes must be the trainer's: the demo output trains the tiny profile (configs/train/tiny.yaml).
+LATENT_PROFILE ?= $(if $(filter $(DEMO_OUT),$(OUT)),tiny,full)
 # The tiny overlay trains the 256 px demo at 64 px; other sets are cached at their own resolution.
-LATENT_RESOLUTION ?= $(if $(filter demo,$(DATASET)),64,)
+LATENT_RESOLUTION ?= $(if $(filter $(DEMO_OUT),$(OUT)),64,)
 
 .DEFAULT_GOAL := help
 .PHONY: tour-check help setup weights shards shards-job latents train-demo animate-demo learning-check ray-up ray-down notebook report test test-fast lint format bench clean
@@ -61,7 +61,7 @@ shards-job: setup ## the same build as a Ray Job: ray job submit to RAY_JOB_ADDR
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) --working-dir . -- \
 		python jobs/shards.py --dataset $(DATASET) --root $(abspath $(ROOT)) --out $(if $(findstring ://,$(OUT)),$(OUT),$(abspath $(OUT))) $(ARGS)
 
-latents: setup ## cache the VAE latents beside OUT's shards (resumable): DEVICE=cuda PROFILE=full|tiny ARGS='--dtype bf16'
+latents: setup ## cache the VAE latents beside OUT's shards (resumable): DEVICE=cuda LATENT_PROFILE=full|tiny ARGS='--dtype bf16'
 	$(BIN)/python -m pipeline latents --out $(OUT) --profile $(LATENT_PROFILE) --device $(DEVICE) \
 		$(if $(WEIGHTS_DIR),--weights-dir $(WEIGHTS_DIR),) $(if $(LATENT_RESOLUTION),--resolution $(LATENT_RESOLUTION),) $(ARGS)
 
