@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,18 @@ def checkpoint_motion_modules(denoiser: nn.Module, enable: bool = True) -> int:
     return len(modules)
 
 
+@contextlib.contextmanager
+def counting_saved(pack: Callable[[torch.Tensor], torch.Tensor], handles: list[Any]) -> Iterator[None]:
+    """`pack` sees every tensor autograd saves for backward; the module hooks in `handles` are removed
+    on the way out."""
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class SavedActivations:
     """Bytes autograd keeps for backward while active: unique storages, parameters and buffers excluded.
 
@@ -99,12 +111,8 @@ class SavedActivations:
         for module in self.inside:
             handles.append(module.register_forward_pre_hook(self._enter))
             handles.append(module.register_forward_hook(self._exit))
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
-                yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+        with counting_saved(self._pack, handles):
+            yield self
 
 
 # --- per-module checkpointing ------------------------------------------------------------------------------
@@ -270,11 +278,9 @@ class MetaSavedActivations:
                 handles.append(module.register_forward_pre_hook(self._entering(name), with_kwargs=True))
                 handles.append(module.register_forward_hook(self._leaving))
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+            with counting_saved(self._pack, handles):
                 yield self
         finally:
-            for handle in handles:
-                handle.remove()
             self.held.clear()
 
     def _leaving(self, *_: Any) -> None:

@@ -28,7 +28,6 @@ from train.checkpoint import MODEL_DIR, latest_checkpoint
 from train.config import CONFIG_DIR, TrainConfig, load_train_config
 from train.data import DataConfig
 from train.diagnostics import DiagnosticsSettings, batch_losses, diagnostic_batch, settings_of
-from train.loop import to_model_batch
 
 log = logging.getLogger("train.diagnose")
 
@@ -90,7 +89,7 @@ def diagnose(
     """Losses and gains on the first `samples` usable clips of `data`, with what they were measured on."""
     batch = diagnostic_batch(data, samples, seed=settings.seed)
     model.to(device)
-    losses = batch_losses(model, batch, settings, to_model_batch, device)
+    losses = batch_losses(model, batch, settings, device)
     gains = {k: v for k, v in losses.items() if k.startswith("gain_")}
     return {
         "losses": {k: v for k, v in losses.items() if not k.startswith("gain_")},

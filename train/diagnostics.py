@@ -19,10 +19,10 @@ jitter); a model that takes appearance from the driving video does worse on the 
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from model.megactor import MegActor, MegActorBatch
 from pipeline import contract
 from train.config import TrainConfig
 from train.data import DataConfig, SampleSkipped, StreamStats, TarSamples, collate, decode_sample, list_shards
-from train.loop import autocast, step_generator, unwrap
+from train.loop import autocast, step_generator, to_model_batch, unwrap
 
 ABLATIONS = (
     "driving_shuffled",
@@ -78,23 +78,18 @@ def roll(x: torch.Tensor) -> torch.Tensor:
 def ablated_batch(batch: MegActorBatch, ablation: str) -> MegActorBatch:
     """The batch with one condition swapped or removed (reference_dropped changes no input)."""
     if ablation == "driving_shuffled":
-        return _replace(batch, driving=roll(batch.driving))
+        return dataclasses.replace(batch, driving=roll(batch.driving))
     if ablation == "driving_blank":
-        return _replace(batch, driving=torch.full_like(batch.driving, -1.0))
+        return dataclasses.replace(batch, driving=torch.full_like(batch.driving, -1.0))
     if ablation == "reference_shuffled":
-        return _replace(batch, reference=roll(batch.reference), background_mask=roll(batch.background_mask))
+        return dataclasses.replace(
+            batch, reference=roll(batch.reference), background_mask=roll(batch.background_mask)
+        )
     if ablation == "background_shuffled":
-        return _replace(batch, background_mask=roll(batch.background_mask))
+        return dataclasses.replace(batch, background_mask=roll(batch.background_mask))
     if ablation == "reference_dropped":
         return batch
     raise ValueError(f"ablation: expected one of {ABLATIONS}, got {ablation!r}")
-
-
-def _replace(batch: MegActorBatch, **fields: torch.Tensor) -> MegActorBatch:
-    out = copy.copy(batch)
-    for name, value in fields.items():
-        setattr(out, name, value)
-    return out
 
 
 @contextlib.contextmanager
@@ -176,7 +171,7 @@ def _swap_gap(
 ) -> dict[str, float]:
     selected = torch.tensor(swap)
     with_real = per_sample_loss(
-        model, _replace(batch, driving=real_driving.to(batch.driving.device)), settings
+        model, dataclasses.replace(batch, driving=real_driving.to(batch.driving.device)), settings
     )
     swap_loss, real_loss = float(intact[selected].mean()), float(with_real[selected].mean())
     return {
@@ -237,13 +232,12 @@ def batch_losses(
     model: nn.Module,
     batch: dict[str, Any],
     settings: DiagnosticsSettings,
-    to_model: Callable[[dict[str, Any], torch.device], MegActorBatch],
     device: torch.device,
 ) -> dict[str, float]:
     """conditioning_losses of a diagnostic_batch (a loader batch dict)."""
     swap = [bucket == "swap" for bucket in batch.get("bucket", [])]
     real = batch.get(REAL_DRIVING)
-    return conditioning_losses(model, to_model(batch, device), settings, real, swap or None)
+    return conditioning_losses(model, to_model_batch(batch, device), settings, real, swap or None)
 
 
 def tensorboard_scalars(losses: dict[str, float]) -> dict[str, float]:

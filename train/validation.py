@@ -105,9 +105,8 @@ def log_conditioning(
 ) -> dict[str, float]:
     """Every rank computes the diagnostics (collective under FSDP); rank 0's writer logs val/cond/*."""
     from train.diagnostics import batch_losses, settings_of, tensorboard_scalars
-    from train.loop import to_model_batch
 
-    losses = batch_losses(model, batch, settings_of(config), to_model_batch, device)
+    losses = batch_losses(model, batch, settings_of(config), device)
     if writer is not None:
         for name, value in tensorboard_scalars(losses).items():
             writer.add_scalar(name, value, step)

@@ -20,7 +20,6 @@ from train.augment import black_outside
 from train.data import DataConfig, list_shards
 from train.diagnostics import ABLATIONS, REAL_DRIVING, DiagnosticsSettings, batch_losses, diagnostic_batch
 from train.learning_check import DRIVING_GAIN, REFERENCE_GAIN, check_config, cut_paths, train, verdict
-from train.loop import to_model_batch
 
 CPU = torch.device("cpu")
 STEPS = 3
@@ -44,9 +43,9 @@ def run(weights: Path, shards: Path, cuts: tuple[str, ...]) -> dict:
     batch = diagnostic_batch(config.data, 2, seed=0)
     start = {k: v.detach().clone() for k, v in watched(model).items()}
     with cut_paths(model, cuts):
-        initial = batch_losses(model, batch, SETTINGS, to_model_batch, CPU)
+        initial = batch_losses(model, batch, SETTINGS, CPU)
         train(model, config, STEPS)
-        trained = batch_losses(model, batch, SETTINGS, to_model_batch, CPU)
+        trained = batch_losses(model, batch, SETTINGS, CPU)
     moved = {k: float((v.detach() - start[k]).abs().max()) for k, v in watched(model).items()}
     return {"initial": initial, "trained": trained, "moved": moved}
 
