@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import tarfile
@@ -160,8 +161,10 @@ def test_a_shortfall_names_the_numbers_and_the_override(
 
 
 def make(*args: str) -> str:
+    """`make -n` as a user's shell runs it: not as a sub-make of `make test` (MAKELEVEL would be 1)."""
     command = ["make", "-n", *args, f"BIN={Path(sys.executable).parent}"]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, env=env).stdout
 
 
 def test_make_fetches_the_evaluation_assets_once_per_run_and_opens_the_notebook() -> None:
