@@ -19,6 +19,7 @@ RAY_PORT ?= 6380
 RAY_DASHBOARD_PORT ?= 8266
 RAY_JOB_ADDRESS ?= http://127.0.0.1:$(RAY_DASHBOARD_PORT)
 DEMO_OUT := out/demo
+CHECK_OUT := out/learning-check
 TRAIN_OUT ?= out/train-demo
 ANIMATE_OUT ?= out/animate-demo
 # The URL jupyter prints opens the notebook itself, not the Launcher.
@@ -93,9 +94,10 @@ notebook: setup ## the statistics notebook in JupyterLab on 127.0.0.1 for OUT (i
 report: setup ## run the statistics notebook headless for OUT and save it as OUT/shard_stats.html
 	$(BIN)/python -m pipeline report --out $(OUT)
 
-learning-check: setup ## train the tiny model on the demo shards on CPU (in-process) and check it uses driving video and reference
-	test -f $(DEMO_OUT)/gaze/select.json || $(MAKE) shards DATASET=demo OUT=$(DEMO_OUT)
-	$(BIN)/python -m train.learning_check --shards $(DEMO_OUT) --out out/learning-check $(ARGS)
+learning-check: setup ## train the tiny model on CPU on demo data where the answer is known; check it uses the driving video and the reference
+	test -f $(CHECK_OUT)/data/index.parquet || $(BIN)/python -m pipeline build --dataset demo \
+		--root data/learning-check --out $(CHECK_OUT)/data --config configs/data/learning-check.yaml --no-progress
+	$(BIN)/python -m train.learning_check --shards $(CHECK_OUT)/data --out $(CHECK_OUT) $(ARGS)
 
 ray-up: setup ## start a local Ray head on loopback for `ray job submit` (its own process group)
 	$(BIN)/python scripts/local_ray.py up --state $(RAY_STATE) --port $(RAY_PORT) --dashboard-port $(RAY_DASHBOARD_PORT)

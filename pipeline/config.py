@@ -71,6 +71,17 @@ class DemoConfig:
     min_frames: int = 36
     max_frames: int = 90
     seed: int = 0
+    # Each clip's colours rotated by a hue drawn from [-clip_hue_shift, clip_hue_shift] (OpenCV units,
+    # 90 = the whole circle): the same person filmed in another light, so a clip's colours come only
+    # from its own frames (the learning check's data). 0: a person looks the same in every clip.
+    clip_hue_shift: int = 0
+    motion: float = 1.0  # head rotation, translation and zoom, times each part's own amplitude
+
+    def __post_init__(self) -> None:
+        if not self.motion >= 0:
+            raise ValueError(f"demo.motion: expected >= 0, got {self.motion}")
+        if not 0 <= self.clip_hue_shift <= 90:
+            raise ValueError(f"demo.clip_hue_shift: expected 0..90 (OpenCV hue units), got {self.clip_hue_shift}")
 
 
 @dataclass

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -63,3 +64,26 @@ def test_demo_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
             tmp_path, DemoConfig(identities=1, vfhq_clips=1, celebvhq_clips=1, min_frames=4, max_frames=4)
         )
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_demo_clips_of_one_person_get_their_own_colours_when_asked(tmp_path: Path) -> None:
+    # motion 0: two clips of one person differ only in the eye and mouth warps, and in colour when
+    # clip_hue_shift rotates each clip's hue
+    def colour_difference(shift: int) -> float:
+        config = DemoConfig(identities=1, vfhq_clips=2, celebvhq_clips=1, min_frames=12, max_frames=16,
+                            clip_hue_shift=shift, motion=0.0)  # fmt: skip
+        scan_demo(tmp_path / f"shift{shift}", config)
+        folders = sorted((tmp_path / f"shift{shift}" / "vfhq" / "extracted_cropped_face_results").glob("*/*"))
+        first, second = (read_image_frames(folder, 0, 1)[0] for folder in folders)
+        lab = [cv2.cvtColor(frame, cv2.COLOR_RGB2LAB).astype(np.float64) for frame in (first, second)]
+        return float(np.abs(lab[0][..., 1:] - lab[1][..., 1:]).mean())  # a*, b*: colour, not brightness
+
+    assert colour_difference(0) < 0.5
+    assert colour_difference(90) > 2.0
+
+
+def test_demo_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="clip_hue_shift"):
+        DemoConfig(clip_hue_shift=91)
+    with pytest.raises(ValueError, match="motion"):
+        DemoConfig(motion=-1.0)

@@ -189,16 +189,29 @@ def _as_real(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, contract.META: json.dumps({**meta, "bucket": "real"}).encode()}
 
 
+def _clip_of(raw: dict[str, Any]) -> str | None:
+    try:
+        return str(json.loads(raw[contract.META])["clip_id"])
+    except (KeyError, TypeError, ValueError):
+        return None  # decode_sample reports what is wrong with it
+
+
 def diagnostic_batch(config: DataConfig, count: int, seed: int = 0) -> dict[str, Any]:
-    """What train.data.fixed_batch gives (the first `count` usable samples in sorted shard order, frames
-    and jitter from Random(seed)), plus "driving_real" (B, F, 3, H, W): for a swap sample its real.mp4
-    frames decoded with the same random state (same indices, reference, face mask and jitter), for any
-    other sample its own driving frames. Fewer samples when the shards hold fewer (at least one)."""
+    """The first `count` usable samples of different clips in sorted shard order (frames and jitter from
+    Random(seed), as train.data.fixed_batch draws them): a condition swapped between two samples then
+    always comes from another clip, never from the other segment of the same one. Plus "driving_real"
+    (B, F, 3, H, W): for a swap sample its real.mp4 frames decoded with the same random state (same
+    indices, reference, face mask and jitter), for any other sample its own driving frames. Fewer samples
+    when the shards hold fewer clips (at least one)."""
     rng = random.Random(seed)
     stats = StreamStats(rank=0, log_every=config.log_every)
     samples: list[dict[str, Any]] = []
     real: list[torch.Tensor] = []
+    clips: set[str] = set()
     for raw in wds.DataPipeline(wds.SimpleShardList(list_shards(config)), TarSamples(stats.tar_error)):
+        clip = _clip_of(raw)
+        if clip is not None and clip in clips:
+            continue
         stats.count("samples")
         state = rng.getstate()
         try:
@@ -217,6 +230,8 @@ def diagnostic_batch(config: DataConfig, count: int, seed: int = 0) -> dict[str,
         else:
             real.append(sample["driving"])
         samples.append(sample)
+        if clip is not None:
+            clips.add(clip)
         if len(samples) == count:
             break
     if not samples:

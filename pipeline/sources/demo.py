@@ -69,6 +69,15 @@ def make_identity(index: int) -> Identity:
     return Identity(image, landmarks, corners.reshape(-1))
 
 
+def recolour(identity: Identity, hue_shift: int) -> Identity:
+    """The identity under other light: every pixel's hue rotated by `hue_shift` (OpenCV units, of 180)."""
+    if hue_shift == 0:
+        return identity
+    hsv = cv2.cvtColor(identity.image, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + hue_shift) % 180
+    return dataclasses.replace(identity, image=cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+
+
 def _local_warp(image: np.ndarray, identity: Identity, blink: float, mouth: float) -> np.ndarray:
     """Close the eyes by `blink` (0..1) and open the mouth by `mouth` (0..1) with Gaussian remaps."""
     h, w = image.shape[:2]
@@ -322,14 +331,22 @@ def generate_demo(root: Path, config: DemoConfig) -> None:
     celeb.mkdir()
     identities = [make_identity(i) for i in range(config.identities)]
     rng = np.random.default_rng(config.seed)
+    hue_rng = np.random.default_rng(config.seed + 1)  # its own stream: clip lengths stay as they were
 
     def length() -> int:
         return int(rng.integers(config.min_frames, config.max_frames + 1))
 
+    def person(index: int) -> Identity:
+        """Identity `index` in this clip's light."""
+        if config.clip_hue_shift == 0:
+            return identities[index]
+        shift = int(hue_rng.integers(-config.clip_hue_shift, config.clip_hue_shift + 1))
+        return recolour(identities[index], shift)
+
     for c in range(config.vfhq_clips):
         ident = c % config.identities
         num = length() + 1  # the extraction keeps end-start-1 of the source frames
-        frames, boxes, points = render_clip(identities[ident], num, VFHQ_CANVAS, 80, 1.0, config.seed + c)
+        frames, boxes, points = render_clip(person(ident), num, VFHQ_CANVAS, 80, config.motion, config.seed + c)
         start = 100 * c + 3
         name = f"Clip+_-dm{ident}_v-{ident}+P0+C{c}+F{start}-{start + num}"
         split_folder = "VFHQ-Test" if c == config.vfhq_clips - 1 else "VFHQ-Train"
@@ -346,7 +363,7 @@ def generate_demo(root: Path, config: DemoConfig) -> None:
             cursor += count + gap
         ident = (video + 3) % config.identities
         seed = config.seed + 1000 + video
-        frames, boxes, _ = render_clip(identities[ident], cursor, CELEB_RAW_CANVAS, 110, 0.5, seed)
+        frames, boxes, _ = render_clip(person(ident), cursor, CELEB_RAW_CANVAS, 110, 0.5 * config.motion, seed)
         ytb_id = f"dm{video}_c-{ident}"
         clip_ids = [f"{ytb_id}_{n}" for n in clip_numbers]
         entries.update(write_celebvhq_video(celeb, ytb_id, clip_ids, frames, boxes, spans))

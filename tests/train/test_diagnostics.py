@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from shard_helpers import write_synthetic_shards
+from shard_helpers import _row, write_synthetic_shards
 
 from model.loading import build_megactor
 from model.preprocess import grayscale3, to_model_pixels
 from pipeline import contract
-from pipeline.video import read_video_frames
+from pipeline.video import EncodeSettings, read_video_frames
+from pipeline.writer import encode_members, write_shard
 from train.augment import black_outside
 from train.data import DataConfig, list_shards
 from train.diagnostics import ABLATIONS, REAL_DRIVING, DiagnosticsSettings, batch_losses, diagnostic_batch
@@ -85,9 +86,25 @@ def test_a_dead_condition_path_reads_zero_gain_and_fails_the_check(
 ) -> None:
     result = run(tiny_model_weights, shards, (cut,))
     assert abs(result["trained"][gain]) < 1e-9, result["trained"]
+    if cut == "reference":  # reference attention is part of the cut: the unconditional branch is the same
+        assert result["trained"]["gain_reference_dropped"] == 0.0, result["trained"]
     assert abs(healthy["trained"][gain]) > 1e-6, healthy["trained"]  # the same training with it alive
     problems = verdict({"gains": result["initial"]}, {"gains": result["trained"]})
     assert any(gain in p and p.startswith("trained") for p in problems), problems
+
+
+def test_the_diagnostic_batch_takes_one_segment_per_clip(tmp_path: Path) -> None:
+    # two segments of clip00 then clip01: swapping a condition between the first two would swap a clip
+    # with itself
+    rows = []
+    for index, segment in [(0, 0), (0, 1), (1, 0)]:
+        row = _row(index, "real", 24, 64)
+        row.update(key=contract.sample_key("synthetic", f"clip{index:02d}", segment), segment=segment)
+        rows.append(encode_members(row, 64, EncodeSettings()))
+    (tmp_path / "shards").mkdir()
+    write_shard(rows, tmp_path / "shards")
+    batch = diagnostic_batch(DataConfig(root=str(tmp_path), num_frames=4, resolution=64), 3)
+    assert batch["key"] == [rows[0]["key"], rows[2]["key"]]
 
 
 def masked_gray(frames: np.ndarray, face: np.ndarray, indices: list[int]) -> torch.Tensor:
