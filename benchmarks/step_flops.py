@@ -84,6 +84,9 @@ class StageShape:
     frames: int
     resolution: int
     profile: str = "full"
+    export_share: float = (
+        1.0  # fraction of checkpoint saves that also write model/ (the stage's export_every)
+    )
 
 
 @dataclass
@@ -270,7 +273,8 @@ def fixed_memory(
 def checkpoint_bytes(params: dict[str, int], lean: bool, ema: bool) -> dict:
     """Bytes written per save. Full: model/ (every ReferenceNet, denoiser and DrivenEncoder weight),
     the optimiser's own weights beside the exported EMA, AdamW moments; into /tmp, then copied to storage
-    (twice). Lean: trainable weights, EMA, AdamW moments, each rank its shard, once."""
+    (twice). Lean: trainable weights, EMA, AdamW moments, each rank its shard, once; plus, when an export is
+    due, model/ (every saved-module weight, the EMA average in place of trained ones), counted apart."""
     trained, adam = params["trainable"], params["receive_gradient"]
     if lean:
         files = {
@@ -279,6 +283,7 @@ def checkpoint_bytes(params: dict[str, int], lean: bool, ema: bool) -> dict:
             "adamw": FP32 * ADAM_MOMENTS * adam,
         }
         copies = 1
+        export = FP32 * params["saved_modules"]
     else:
         files = {
             "model": FP32 * params["saved_modules"],
@@ -286,11 +291,13 @@ def checkpoint_bytes(params: dict[str, int], lean: bool, ema: bool) -> dict:
             "adamw": FP32 * ADAM_MOMENTS * adam,
         }
         copies = 2  # TemporaryDirectory under /tmp, then Ray copies it to storage_path
+        export = 0  # model/ is part of every save above
     once = sum(files.values())
     return {
         "files_gb": {k: significant(v / GB) for k, v in files.items()},
         "writes": copies,
         "bytes": once * copies,
+        "export_bytes": export,
     }
 
 
@@ -299,10 +306,12 @@ def stage_configs(stage: str) -> tuple[MegActorConfig, MegActorConfig, StageShap
     """(before, after) model configs of a stage, and its sample shape, from configs/train/<stage>.yaml."""
     train = load_train_config(stage)
     after = train.megactor_config()
+    every = train.export_every
+    share = 1.0 if every == 0 else min(1.0, train.checkpoint_every / every)
     before = replace(
         after, gradient_checkpointing=True, checkpoint_motion_modules=True, checkpoint_modules=[]
     )
-    return before, after, StageShape(stage, train.data.num_frames, train.data.resolution)
+    return before, after, StageShape(stage, train.data.num_frames, train.data.resolution, export_share=share)
 
 
 def peak_estimate_bytes(step: StepCount, fixed_gb: float, headroom_gb: float) -> dict:
@@ -404,7 +413,18 @@ def count_stage(
         "fixed_memory_ddp_parts_gb": fixed,
         "fixed_memory_gb_fsdp": {"ranks": ranks, **fsdp},
         "peak_estimate_ddp_after": peak_estimate_bytes(new, fixed["after"]["total"], headroom_gb),
-        "checkpoint_bytes_per_save": before_after(int(ckpt["before"]["bytes"]), int(ckpt["after"]["bytes"])),
+        # Mean over saves at the stage's export cadence; the two kinds of save apart below.
+        "checkpoint_bytes_per_save": before_after(
+            int(ckpt["before"]["bytes"]),
+            int(ckpt["after"]["bytes"] + shape.export_share * ckpt["after"]["export_bytes"]),
+        ),
+        "checkpoint_bytes_per_save_without_export": before_after(
+            int(ckpt["before"]["bytes"]), int(ckpt["after"]["bytes"])
+        ),
+        "checkpoint_bytes_per_save_with_export": before_after(
+            int(ckpt["before"]["bytes"]), int(ckpt["after"]["bytes"] + ckpt["after"]["export_bytes"])
+        ),
+        "exports_per_save": shape.export_share,
         "checkpoint_files": ckpt,
         "checkpointing": {
             "before": "whole model (diffusers' + motion modules)" if before.gradient_checkpointing else "off",

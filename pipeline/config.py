@@ -81,7 +81,9 @@ class DemoConfig:
         if not self.motion >= 0:
             raise ValueError(f"demo.motion: expected >= 0, got {self.motion}")
         if not 0 <= self.clip_hue_shift <= 90:
-            raise ValueError(f"demo.clip_hue_shift: expected 0..90 (OpenCV hue units), got {self.clip_hue_shift}")
+            raise ValueError(
+                f"demo.clip_hue_shift: expected 0..90 (OpenCV hue units), got {self.clip_hue_shift}"
+            )
 
 
 @dataclass

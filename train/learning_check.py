@@ -44,13 +44,15 @@ REFERENCE_GAIN = "gain_reference_shuffled"
 MIN_TRAINED_GAIN = 0.05
 MAX_INITIAL_GAIN = 0.02
 DEFAULT_STEPS = 600
-# The check's training: the tiny overlay, a higher rate so a few hundred CPU steps learn the conditions;
-# the paper's reference (one frame of the sampled window, the other four are the targets).
+# The check's training: the tiny overlay, a higher rate so a few hundred CPU steps learn the conditions.
+# The reference is the trainer's default (any frame of the segment): with a frame of the sampled window
+# the reference already shows the targets' pose and the driving gain after 600 steps varied 0.05-0.26
+# over seeds.
 OVERRIDES = (
     "optim.lr=1e-3",
     "data.batch_size=2",
-    "data.num_frames=5",
-    "data.reference=window",
+    "data.num_frames=4",
+    "data.reference=segment",
     "data.resolution=64",
     "data.num_workers=0",
     "model.config.reference_dropout=0.1",
@@ -185,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.learning_check", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--shards", type=Path, default=Path("out/learning-check/data"),
-                        help="OUT of a demo build with configs/data/learning-check.yaml")
+    parser.add_argument(
+        "--shards",
+        type=Path,
+        default=Path("out/learning-check/data"),
+        help="OUT of a demo build with configs/data/learning-check.yaml",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/learning-check"))
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--samples", type=int, default=8, help="clips in the diagnostic batch")

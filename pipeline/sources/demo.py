@@ -346,7 +346,9 @@ def generate_demo(root: Path, config: DemoConfig) -> None:
     for c in range(config.vfhq_clips):
         ident = c % config.identities
         num = length() + 1  # the extraction keeps end-start-1 of the source frames
-        frames, boxes, points = render_clip(person(ident), num, VFHQ_CANVAS, 80, config.motion, config.seed + c)
+        frames, boxes, points = render_clip(
+            person(ident), num, VFHQ_CANVAS, 80, config.motion, config.seed + c
+        )
         start = 100 * c + 3
         name = f"Clip+_-dm{ident}_v-{ident}+P0+C{c}+F{start}-{start + num}"
         split_folder = "VFHQ-Test" if c == config.vfhq_clips - 1 else "VFHQ-Train"
@@ -363,7 +365,9 @@ def generate_demo(root: Path, config: DemoConfig) -> None:
             cursor += count + gap
         ident = (video + 3) % config.identities
         seed = config.seed + 1000 + video
-        frames, boxes, _ = render_clip(person(ident), cursor, CELEB_RAW_CANVAS, 110, 0.5 * config.motion, seed)
+        frames, boxes, _ = render_clip(
+            person(ident), cursor, CELEB_RAW_CANVAS, 110, 0.5 * config.motion, seed
+        )
         ytb_id = f"dm{video}_c-{ident}"
         clip_ids = [f"{ytb_id}_{n}" for n in clip_numbers]
         entries.update(write_celebvhq_video(celeb, ytb_id, clip_ids, frames, boxes, spans))

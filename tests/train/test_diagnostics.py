@@ -18,9 +18,18 @@ from pipeline import contract
 from pipeline.video import EncodeSettings, read_video_frames
 from pipeline.writer import encode_members, write_shard
 from train.augment import black_outside
-from train.data import DataConfig, list_shards
+from train.data import DataConfig, fixed_batch, list_shards
 from train.diagnostics import ABLATIONS, REAL_DRIVING, DiagnosticsSettings, batch_losses, diagnostic_batch
-from train.learning_check import DRIVING_GAIN, REFERENCE_GAIN, check_config, cut_paths, train, verdict
+from train.learning_check import (
+    DRIVING_GAIN,
+    REFERENCE_GAIN,
+    check_config,
+    cut_paths,
+    main,
+    train,
+    unit_variance_scale,
+    verdict,
+)
 
 CPU = torch.device("cpu")
 STEPS = 3
@@ -183,3 +192,20 @@ def test_diagnose_cli_reads_a_training_checkpoints_exported_model(
     assert len(result["keys"]) == 2 and all(result["keys"])
     assert result["timestep_range"] == [100, 900] and result["seed"] == 0 and result["split"] == "train"
     assert result["losses"]["swap_samples"] == 1 and "swap_gap" in result["losses"]
+
+
+def test_the_learning_check_without_its_shards_says_how_to_build_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "make learning-check" in capsys.readouterr().out
+
+
+def test_the_checks_latent_scale_gives_unit_variance_latents(tiny_model_weights: Path, shards: Path) -> None:
+    config = check_config(shards, STEPS, NO_JITTER)
+    model = build_megactor(tiny_model_weights, config.megactor_config())
+    sd_scale = model.latent_scale
+    model.latent_scale = unit_variance_scale(model, config.data, 4)
+    latents = model.encode_frames(fixed_batch(config.data, 4, allow_fewer=True)["target"])
+    assert float(latents.std()) == pytest.approx(1.0, rel=1e-4)
+    assert model.latent_scale > 5 * sd_scale  # the tiny VAE's latents are far smaller than SD's
