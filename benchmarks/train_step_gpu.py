@@ -43,8 +43,10 @@ together); the GPU image must already hold them, and the script says which one i
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -59,6 +61,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +103,27 @@ PEAK_BF16_TFLOPS = {
 # Measured steps for the data-wait fraction on a GPU: far more than the DataLoader's prefetch depth.
 DATA_WAIT_STEPS = 50
 PREFETCH_FACTOR = 2  # torch's DataLoader default; train.data.make_loader keeps it
+# What a GPU node without network holds (with their own requirements), what it must already hold
+# (big binaries the trainer's loader imports at module level), and what `make wheelhouse` ships: the
+# rest of the import closure (test_train_step_gpu_wheelhouse_is_the_import_closure keeps them equal).
+NODE_PACKAGES = ("torch", "torchvision", "numpy", "safetensors", "transformers")
+NODE_BINARIES = ("opencv-python-headless", "pandas", "pyarrow", "scikit-image")
+WHEELHOUSE = (
+    "av",  # the loader's H.264 decoder (about 36 MB, FFmpeg inside): the trainer's loader cannot do without it
+    "braceexpand",
+    "certifi",
+    "charset-normalizer",
+    "diffusers",
+    "importlib-metadata",
+    "lazy-importer",
+    "requests",
+    "urllib3",
+    "webdataset",
+    "zipp",
+)
+NODE_PYTHON = "3.12"
+PROJECT_PACKAGES = ("benchmarks", "evaluation", "jobs", "model", "pipeline", "train")
+SCRIPTS = ("train_step_gpu.py", "loader.py", "step_flops.py")  # this one and the two it loads by path
 STAGES = ("stage1", "stage2")
 
 
@@ -135,6 +161,98 @@ def load_bench_shard_writer():
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.write_bench_shards
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Modules a file imports when it is imported: module and class level, not inside functions (those
+    import when called)."""
+    names: set[str] = set()
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the file's package
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base])
+                names.add(base.strip("."))
+                names.update(f"{base}.{alias.name}".strip(".") for alias in node.names)
+            elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                visit([child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)])
+
+    visit(ast.parse(path.read_text()).body)
+    return names
+
+
+def project_file(module: str) -> Path | None:
+    path = ROOT.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def third_party_imports() -> set[str]:
+    """Top-level non-project, non-stdlib modules imported by this script's project import closure."""
+    todo = [ROOT / "benchmarks" / name for name in SCRIPTS]
+    seen: set[Path] = set()
+    found: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in module_level_imports(path):
+            top = name.split(".")[0]
+            if top in PROJECT_PACKAGES:
+                parts = name.split(".")
+                todo.extend(f for i in range(1, len(parts) + 1) if (f := project_file(".".join(parts[:i]))))
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                found.add(top)
+    return found
+
+
+def requirement_closure(names: set[str]) -> set[str]:
+    """Distributions and what they require on the node (Linux, NODE_PYTHON, no extras), installed
+    metadata read."""
+    environment = default_environment() | {"python_version": NODE_PYTHON, "extra": ""}
+    seen: set[str] = set()
+    todo = [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            for line in importlib.metadata.requires(name) or []:
+                requirement = Requirement(line)
+                if requirement.marker is None or requirement.marker.evaluate(environment):
+                    todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+def distributions_of(modules: set[str]) -> set[str]:
+    """The installed distribution of each top-level module; where two provide one (cv2), the project's."""
+    provided = importlib.metadata.packages_distributions()
+    project = {
+        canonicalize_name(Requirement(r).name) for r in importlib.metadata.requires("megactor-ray") or []
+    }
+    found = set()
+    for module in modules:
+        candidates = sorted(canonicalize_name(d) for d in provided.get(module, []))
+        if not candidates:
+            raise LookupError(f"{module!r}: no installed distribution provides it; run `make setup`")
+        found.add(next((c for c in candidates if c in project), candidates[0]))
+    return found
+
+
+def wheelhouse_closure() -> list[str]:
+    """What the benchmark imports beyond the node's packages and binaries, their requirements included."""
+    needed = requirement_closure(distributions_of(third_party_imports()))
+    on_node = requirement_closure(set(NODE_PACKAGES) | set(NODE_BINARIES))
+    return sorted(needed - on_node)
 
 
 def device_name(device: str) -> str:
@@ -364,7 +482,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "out" / "bench-train-step")
     parser.add_argument("--results", type=Path, default=None, help="append the Markdown section to this file")
     parser.add_argument("--ema", action="store_true", help="an EMA in every stage (default: as its config)")
+    parser.add_argument(
+        "--wheelhouse", action="store_true", help="print the wheels a GPU node needs and exit"
+    )
     args = parser.parse_args(argv)
+    if args.wheelhouse:
+        print("\n".join(WHEELHOUSE))
+        return {"wheelhouse": list(WHEELHOUSE)}
     logging.basicConfig(level=logging.WARNING)
     settings = default_settings(args.device)
     settings.ema = args.ema

@@ -72,3 +72,11 @@ def test_train_step_gpu_measures_data_wait_on_real_sized_segments_past_the_prefe
             10 * settings.prefetch_depth, settings.warmup + settings.steps
         )
         assert config.data.span <= settings.clip_frames  # stage 2's stride-12 window fits a segment
+
+
+def test_train_step_gpu_wheelhouse_is_the_import_closure_beyond_the_node():
+    script = load_script("train_step_gpu")
+    # The static closure sees the project's module-level imports, the loader's decoder among them.
+    assert {"torch", "av", "cv2", "webdataset", "diffusers"} <= script.third_party_imports()
+    assert script.wheelhouse_closure() == sorted(script.WHEELHOUSE)
+    assert not set(script.WHEELHOUSE) & set(script.NODE_BINARIES)
