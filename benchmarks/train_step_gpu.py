@@ -69,19 +69,28 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.components import build_components  # noqa: E402
-from model.megactor import MegActor, count  # noqa: E402
-from train.config import TrainConfig, load_train_config  # noqa: E402
-from train.data import make_loader  # noqa: E402
-from train.ema import make_ema  # noqa: E402
-from train.loop import (  # noqa: E402
-    make_lr_scheduler,
-    make_optimizer,
-    to_model_batch,
-    train_step,
-    trainable,
-    wrap_model,
+MISSING = (
+    "train_step_gpu: the package of module {name!r} is not installed. On a GPU node without network: "
+    "`make wheelhouse PY=<its Python>` here, carry .whl/ there and `python3 -m pip install --no-index "
+    "--no-deps --find-links .whl .whl/*.whl`; OpenCV (opencv-python-headless), pandas, pyarrow and "
+    "scikit-image are too big for it and must be on the node already (NODE_BINARIES)."
 )
+try:
+    from model.components import build_components
+    from model.megactor import MegActor, count
+    from train.config import TrainConfig, load_train_config
+    from train.data import make_loader
+    from train.ema import make_ema
+    from train.loop import (
+        make_lr_scheduler,
+        make_optimizer,
+        to_model_batch,
+        train_step,
+        trainable,
+        wrap_model,
+    )
+except ModuleNotFoundError as exc:  # a node without the wheelhouse: say what to do, not a traceback
+    raise SystemExit(MISSING.format(name=exc.name)) from exc
 
 log = logging.getLogger("benchmarks.train_step_gpu")
 
@@ -149,7 +158,8 @@ class Settings:
 
 def default_settings(device: str) -> Settings:
     if device.startswith("cuda"):
-        return Settings(device, "full", 16, 512, "bf16", 6, 240, 4, 3, DATA_WAIT_STEPS)
+        # Two 240-frame segments (one real, one swap): writing them at 512² takes a minute or two of CPU.
+        return Settings(device, "full", 16, 512, "bf16", 6, 240, 2, 3, DATA_WAIT_STEPS)
     # CPU: the tiny profile at the tiny overlay's size; fp32 (bf16 autocast on CPU is ~10x slower)
     return Settings(device, "tiny", 4, 64, "fp32", 0, 40, 2, 1, 2)
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,3 +81,13 @@ def test_train_step_gpu_wheelhouse_is_the_import_closure_beyond_the_node():
     assert {"torch", "av", "cv2", "webdataset", "diffusers"} <= script.third_party_imports()
     assert script.wheelhouse_closure() == sorted(script.WHEELHOUSE)
     assert not set(script.WHEELHOUSE) & set(script.NODE_BINARIES)
+
+
+def test_train_step_gpu_names_a_missing_package_and_the_wheelhouse():
+    # As on a GPU node without the wheelhouse: the loader's decoder cannot be imported.
+    hide_av = "import runpy, sys; sys.modules['av'] = None; runpy.run_path(sys.argv[1], run_name='x')"
+    script = str(ROOT / "benchmarks" / "train_step_gpu.py")
+    result = subprocess.run([sys.executable, "-c", hide_av, script], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "module 'av' is not installed" in result.stderr and "make wheelhouse" in result.stderr
+    assert "Traceback" not in result.stderr
