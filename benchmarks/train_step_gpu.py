@@ -156,6 +156,11 @@ class Settings:
         return self.loader_workers * PREFETCH_FACTOR
 
 
+def indexed_device(device: str) -> str:
+    """cuda -> cuda:0: torch.cuda.set_device and DDP's device_ids need an index (Ray Train gives one)."""
+    return "cuda:0" if device == "cuda" else device
+
+
 def default_settings(device: str) -> Settings:
     if device.startswith("cuda"):
         # Two 240-frame segments (one real, one swap): writing them at 512² takes a minute or two of CPU.
@@ -500,6 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n".join(WHEELHOUSE))
         return {"wheelhouse": list(WHEELHOUSE)}
     logging.basicConfig(level=logging.WARNING)
+    args.device = indexed_device(args.device)
     settings = default_settings(args.device)
     settings.ema = args.ema
     if args.steps:

@@ -91,3 +91,12 @@ def test_train_step_gpu_names_a_missing_package_and_the_wheelhouse():
     assert result.returncode == 1
     assert "module 'av' is not installed" in result.stderr and "make wheelhouse" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_train_step_gpu_gives_set_device_and_ddp_an_indexed_gpu():
+    from torch._utils import _get_device_index
+
+    script = load_script("train_step_gpu")
+    assert script.indexed_device("cpu") == "cpu" and script.indexed_device("cuda:1") == "cuda:1"
+    # torch.cuda.set_device and DDP's device_ids=[device.index] refuse a bare "cuda" (index None).
+    assert _get_device_index(torch.device(script.indexed_device("cuda"))) == 0
