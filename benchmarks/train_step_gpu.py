@@ -34,10 +34,13 @@ their own requirements) but none of the project's other packages, ship the rest 
     python3 -m pip install --no-index --no-deps --find-links .whl .whl/*.whl       # there, then:
     python3 benchmarks/train_step_gpu.py --out-dir out/bench-gpu
 
-The trainer's loader also imports NODE_BINARIES (OpenCV, pandas, pyarrow: train/augment.py,
-train/data.py, pipeline/storage.py and pipeline/writer.py import them at module level, and the
-shards are written and read through them). They are too big for the wheelhouse (about 100 MiB
-together); the GPU image must already hold them, and the script says which one is missing.
+The script also needs NODE_BINARIES: OpenCV, pandas and pyarrow (train/augment.py, train/data.py,
+pipeline/storage.py and pipeline/writer.py import them at module level: the trainer's loader reads the
+shards and the writer writes them through them) and scikit-image (pipeline/sources/demo.py, whose
+talking heads fill the shards, imports skimage.data; with it comes SciPy). Their wheels are over 100 MiB
+together, too big for the wheelhouse: the GPU image must already hold them (this workplace's does), and
+the script names a missing one. The wheelhouse's `av` (about 36 MB, FFmpeg inside) stays: it is the
+loader's H.264 decoder, and the data wait is measured on the trainer's own decode.
 """
 
 from __future__ import annotations
