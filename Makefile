@@ -25,13 +25,31 @@ ANIMATE_OUT ?= out/animate-demo
 # The URL jupyter prints opens the notebook itself, not the Launcher.
 NOTEBOOK_URL := /lab/tree/notebooks/shard_stats.ipynb
 DEVICE ?= auto
+# make wheelhouse: the GPU node's Python; the wheels go to .whl/ and must fit 64 MiB (what travels with the tree).
+PY ?= 3.12
+WHEELHOUSE_DIR := .whl
+WHEELHOUSE_MAX_MIB := 64
+WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+# make test-compat: the second version set (constraints-compat.txt) in its own virtualenv.
+COMPAT_VENV ?= .venv-compat
+# Python 3.12 (the GPU node's) where one runs here, a pyenv one included; else python3 (the report says which).
+COMPAT_PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 python3; do \
+	$$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+COMPAT_PACKAGES := torch torchvision transformers diffusers accelerate safetensors numpy pillow PyYAML tqdm av \
+	opencv-python-headless pandas pyarrow scikit-image webdataset scipy pytest
+# model/ and train/loop.py's step (train_step_gpu runs it under DDP): about 4.5 minutes on 2 cores. The
+# sampling tests (5 minutes more) and the face-mask ones (pipeline stages, facexlib) stay in make test; the
+# wheelhouse test reads the main set's package metadata.
+COMPAT_TESTS := $(addprefix tests/model/test_,megactor.py loading.py reference_attention.py driven_encoder.py \
+	schedule.py precision.py checkpointing.py step_flops.py benchmark_scripts.py) \
+	--deselect tests/model/test_benchmark_scripts.py::test_train_step_gpu_wheelhouse_is_the_import_closure_beyond_the_node
 # The VAE that encodes must be the trainer's: the demo output trains the tiny profile (configs/train/tiny.yaml).
 LATENT_PROFILE ?= $(if $(filter $(DEMO_OUT),$(OUT)),tiny,full)
 # The tiny overlay trains the 256 px demo at 64 px; other sets are cached at their own resolution.
 LATENT_RESOLUTION ?= $(if $(filter $(DEMO_OUT),$(OUT)),64,)
 
 .DEFAULT_GOAL := help
-.PHONY: tour-check help setup weights shards shards-job latents train-demo animate-demo learning-check ray-up ray-down notebook report test test-fast lint format bench clean
+.PHONY: wheelhouse test-compat tour-check help setup weights shards shards-job latents train-demo animate-demo learning-check ray-up ray-down notebook report test test-fast lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -121,6 +139,22 @@ lint: setup ## ruff format --check and ruff check
 format: setup ## apply ruff format and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+wheelhouse: setup ## wheels the GPU benchmark imports beyond the node's torch stack, for Python PY=3.12, into .whl/ (<= 64 MiB)
+	rm -rf $(WHEELHOUSE_DIR)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(PY) --implementation cp \
+		$(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) -c constraints.txt -d $(WHEELHOUSE_DIR) \
+		$$($(BIN)/python benchmarks/train_step_gpu.py --wheelhouse)
+	@bytes=$$(cat $(WHEELHOUSE_DIR)/*.whl | wc -c); \
+	echo "wheelhouse: $$(ls $(WHEELHOUSE_DIR)/*.whl | wc -l) wheels, $$((bytes / 1048576)) MiB ($$bytes bytes) in $(WHEELHOUSE_DIR)/"; \
+	if [ $$bytes -gt $$(($(WHEELHOUSE_MAX_MIB) * 1048576)) ]; then \
+		echo "wheelhouse: over $(WHEELHOUSE_MAX_MIB) MiB: ship fewer wheels (benchmarks/train_step_gpu.py WHEELHOUSE)" >&2; \
+		exit 1; fi
+
+test-compat: ## the model tests under the second version set (constraints-compat.txt: torch 2.11, transformers 5.17)
+	test -x $(COMPAT_VENV)/bin/python || { $(COMPAT_PYTHON) -m venv $(COMPAT_VENV) && echo '*' > $(COMPAT_VENV)/.gitignore; }
+	$(COMPAT_VENV)/bin/python -m pip install -q -c constraints-compat.txt $(COMPAT_PACKAGES)
+	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 bench: setup ## run the benchmarks (JSON on stdout)
 	$(BIN)/python benchmarks/shard_build.py

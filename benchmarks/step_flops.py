@@ -243,6 +243,18 @@ def count_step(
     )
 
 
+def count_model_step(config: MegActorConfig, shape: StageShape) -> StepCount:
+    """One step as the model alone costs it: no checkpointing (no recompute) and the target latents
+    given; `model_flops_of` then drops the frozen encoders (the reference frame's VAE encode, CLIP)."""
+    plain = replace(config, gradient_checkpointing=False)
+    return count_step(build_model(plain, shape.profile), shape, cached_latents=True)
+
+
+def model_flops_of(step: StepCount) -> int:
+    """Model FLOPs (what MFU counts): forward + backward of what trains, without the frozen encoders."""
+    return step.total_flops - step.vae_flops - step.clip_flops
+
+
 @contextlib.contextmanager
 def unit_flops(counter: FlopCounterMode, units: dict[str, list[nn.Module]], into: dict[str, int]) -> Iterator:
     with contextlib.ExitStack() as stack:
@@ -378,7 +390,7 @@ def count_stage(
     profile = count_step(
         build_model(plain, shape.profile), shape, cached_latents=True, backward=False, profile_units=True
     )
-    model_step = count_step(build_model(plain, shape.profile), shape, cached_latents=True)
+    model_step = count_model_step(after, shape)
     old = count_step(build_model(before, shape.profile), shape, cached_latents=False)
     new = count_step(build_model(after, shape.profile), shape, cached_latents=True)
     params = new.params
@@ -387,8 +399,7 @@ def count_stage(
         "after": fixed_memory(params, bucket_copy=False, ema=ema),
     }
     fsdp = fixed_memory(params, bucket_copy=False, ema=ema, ranks=ranks, fsdp=True)
-    frozen = model_step.vae_flops + model_step.clip_flops
-    model_flops = model_step.total_flops - frozen
+    model_flops = model_flops_of(model_step)
     ckpt = {
         "before": checkpoint_bytes(old.params, lean=False, ema=ema),
         "after": checkpoint_bytes(params, lean=True, ema=ema),
