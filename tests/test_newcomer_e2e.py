@@ -22,8 +22,9 @@ from test_build_e2e import SMALL_DEMO
 pytestmark = pytest.mark.slow
 
 PYTHON = sys.executable
-# One sample per shard and one CPU: many small commits, so the interrupt lands mid-run.
-SLOW_DEMO = [*SMALL_DEMO, "samples_per_shard=1", "num_cpus=1"]
+# One sample per shard and one CPU: many small commits, so the interrupt lands mid-run. Without stages a
+# sample takes ~0.2 s: 11 samples could all commit between the first commit and the signal, so 18 clips.
+SLOW_DEMO = [*SMALL_DEMO, "samples_per_shard=1", "num_cpus=1", "demo.vfhq_clips=9", "demo.celebvhq_clips=9"]
 
 
 @pytest.fixture(scope="module")
