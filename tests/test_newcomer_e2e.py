@@ -22,9 +22,11 @@ from test_build_e2e import SMALL_DEMO
 pytestmark = pytest.mark.slow
 
 PYTHON = sys.executable
-# One sample per shard and one CPU: many small commits, so the interrupt lands mid-run. Without stages a
-# sample takes ~0.2 s: 11 samples could all commit between the first commit and the signal, so 18 clips.
-SLOW_DEMO = [*SMALL_DEMO, "samples_per_shard=1", "num_cpus=1", "demo.vfhq_clips=9", "demo.celebvhq_clips=9"]
+# One sample per shard, one CPU and one real annotator (face masks on tiny weights): commits spread over
+# the build, so the interrupt lands mid-run. Without a stage a sample takes ~0.2 s and every commit can
+# land between the first one and the signal.
+SLOW_DEMO = [*SMALL_DEMO, "samples_per_shard=1", "num_cpus=1", "profile=tiny",
+             "stages=[{name: face_mask, num_cpus: 0.05, options: {model: bisenet, input_size: 128, frame_batch: 8}}]"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
