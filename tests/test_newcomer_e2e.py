@@ -42,6 +42,15 @@ def committed(out: Path) -> set[str]:
     return {k for p in (out / "shards").glob("*.stats.json") for k in json.loads(p.read_text())["keys"]}
 
 
+def as_a_terminal_starts_it() -> None:
+    """In the child before exec: SIGINT unblocked and at its default, as a shell's foreground job has it
+    (an ignored or blocked signal survives exec, and this pytest process may have either from an earlier
+    test)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.own_process
 def test_ctrl_c_prints_one_resume_line_and_exits_130_then_the_rerun_finishes(
     demo_root: Path, tmp_path: Path
 ) -> None:
@@ -50,6 +59,7 @@ def test_ctrl_c_prints_one_resume_line_and_exits_130_then_the_rerun_finishes(
         process = subprocess.Popen(
             [*build_command(demo_root, out), *SLOW_DEMO], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
             start_new_session=True,  # setsid: its own process group, as a terminal's foreground job
+            preexec_fn=as_a_terminal_starts_it,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
