@@ -84,9 +84,8 @@ class StageShape:
     frames: int
     resolution: int
     profile: str = "full"
-    export_share: float = (
-        1.0  # fraction of checkpoint saves that also write model/ (the stage's export_every)
-    )
+    # Fraction of checkpoint saves that also write model/ (the stage's export_every).
+    export_share: float = 1.0
 
 
 @dataclass
