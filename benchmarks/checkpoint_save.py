@@ -37,7 +37,7 @@ from model.components import build_components  # noqa: E402
 from model.config import MegActorConfig  # noqa: E402
 from model.loading import SAVED_MODULES, build_megactor, write_tiny_weights  # noqa: E402
 from model.megactor import MegActor  # noqa: E402
-from train.checkpoint import Checkpointer  # noqa: E402
+from train.checkpoint import MOMENT_DTYPES, Checkpointer  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 from train.ema import make_ema  # noqa: E402
 from train.loop import TrainState, make_lr_scheduler, make_optimizer  # noqa: E402
@@ -124,15 +124,17 @@ def full_model_arithmetic() -> dict:
     for stage in ("stage1", "stage2"):
         trained = sum(p.numel() for p in model.trainable_parameters(stage).values())
         fp32 = 4
+        moment = MOMENT_DTYPES[load_train_config(stage).checkpoint_moments].itemsize
         export = saved * fp32
         before = export + 2 * trained * fp32  # model/ + optimizer.pt
         before_ema = before + trained * fp32  # + train_weights.safetensors
-        after = 3 * trained * fp32  # DCP: weights + 2 AdamW moments
+        after = trained * (fp32 + 2 * moment)  # DCP: weights + 2 AdamW moments (the stage's dtype)
         after_ema = after + trained * fp32  # + EMA
         out[stage] = {
             "trainable_parameters": trained,
             "frozen_parameters": total - trained,
             "gathered_on_rank0_gb_before": round((total + 2 * trained) * fp32 / GB, 2),
+            "moment_bytes_after": moment,
             "bytes_per_save_gb": {
                 "before": round(2 * before / GB, 2),  # into /tmp, then copied into storage
                 "before_ema": round(2 * before_ema / GB, 2),
@@ -156,11 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="checkpoint-save-") as tmp:
         base = Path(tmp)
         run = tiny_run(write_tiny_weights(base / "weights", seed=0))
-        rows: dict[str, list] = {"before": [], "after_export": [], "after_no_export": []}
+        rows: dict[str, list] = {"before": [], "after_export": [], "after_no_export": [],
+                                 "after_no_export_fp32_moments": []}  # fmt: skip
+        variants = (("after_export", 0, "bf16"), ("after_no_export", 10**6, "bf16"),
+                    ("after_no_export_fp32_moments", 10**6, "fp32"))  # fmt: skip
         for index in range(args.saves):
             rows["before"].append(save_before(loop, base / "before", index + 1, run))
-            for key, every in (("after_export", 0), ("after_no_export", 10**6)):
-                run[0].export_every = every
+            for key, every, moments in variants:
+                run[0].export_every, run[0].checkpoint_moments = every, moments
                 checkpointer = Checkpointer(run[0], rank=0)
                 rows[key].append(save_after(base / key, index + 1, run, checkpointer))
                 checkpointer.close()
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 "bytes_written": values[0][2]}  # fmt: skip
 
     tiny = {key: summary(key) for key in rows}
-    for key in ("after_export", "after_no_export"):
+    for key in ("after_export", "after_no_export", "after_no_export_fp32_moments"):
         tiny[key]["bytes_ratio"] = round(tiny[key]["bytes_written"] / tiny["before"]["bytes_written"], 3)
         tiny[key]["blocked_ratio"] = round(tiny[key]["blocked_s"] / tiny["before"]["blocked_s"], 3)
     print(json.dumps({

@@ -86,6 +86,8 @@ class StageShape:
     profile: str = "full"
     # Fraction of checkpoint saves that also write model/ (the stage's export_every).
     export_share: float = 1.0
+    # Bytes per AdamW moment value in a checkpoint (the stage's checkpoint_moments).
+    moment_bytes: int = FP32
 
 
 @dataclass
@@ -281,17 +283,18 @@ def fixed_memory(
     return {k: significant(v / GB) for k, v in parts.items()}
 
 
-def checkpoint_bytes(params: dict[str, int], lean: bool, ema: bool) -> dict:
+def checkpoint_bytes(params: dict[str, int], lean: bool, ema: bool, moment_bytes: int = FP32) -> dict:
     """Bytes written per save. Full: model/ (every ReferenceNet, denoiser and DrivenEncoder weight),
-    the optimiser's own weights beside the exported EMA, AdamW moments; into /tmp, then copied to storage
-    (twice). Lean: trainable weights, EMA, AdamW moments, each rank its shard, once; plus, when an export is
-    due, model/ (every saved-module weight, the EMA average in place of trained ones), counted apart."""
+    the optimiser's own weights beside the exported EMA, fp32 AdamW moments; into /tmp, then copied to
+    storage (twice). Lean: trainable weights, EMA, AdamW moments at `moment_bytes` each, each rank its
+    shard, once; plus, when an export is due, model/ (every saved-module weight, the EMA average in place
+    of trained ones), counted apart."""
     trained, adam = params["trainable"], params["receive_gradient"]
     if lean:
         files = {
             "weights": FP32 * trained,
             "ema": FP32 * trained if ema else 0,
-            "adamw": FP32 * ADAM_MOMENTS * adam,
+            "adamw": moment_bytes * ADAM_MOMENTS * adam,
         }
         copies = 1
         export = FP32 * params["saved_modules"]
@@ -322,7 +325,10 @@ def stage_configs(stage: str) -> tuple[MegActorConfig, MegActorConfig, StageShap
     before = replace(
         after, gradient_checkpointing=True, checkpoint_motion_modules=True, checkpoint_modules=[]
     )
-    return before, after, StageShape(stage, train.data.num_frames, train.data.resolution, export_share=share)
+    moments = BF16 if train.checkpoint_moments == "bf16" else FP32
+    shape = StageShape(stage, train.data.num_frames, train.data.resolution, export_share=share,
+                       moment_bytes=moments)  # fmt: skip
+    return before, after, shape
 
 
 def peak_estimate_bytes(step: StepCount, fixed_gb: float, headroom_gb: float) -> dict:
@@ -401,7 +407,8 @@ def count_stage(
     model_flops = model_flops_of(model_step)
     ckpt = {
         "before": checkpoint_bytes(old.params, lean=False, ema=ema),
-        "after": checkpoint_bytes(params, lean=True, ema=ema),
+        "after": checkpoint_bytes(params, lean=True, ema=ema, moment_bytes=shape.moment_bytes),
+        "after_fp32_moments": checkpoint_bytes(params, lean=True, ema=ema),
     }
     tflop = lambda f: f / 1e12  # noqa: E731
     return {
@@ -434,7 +441,16 @@ def count_stage(
         "checkpoint_bytes_per_save_with_export": before_after(
             int(ckpt["before"]["bytes"]), int(ckpt["after"]["bytes"] + ckpt["after"]["export_bytes"])
         ),
+        # checkpoint_moments: fp32 (a resume restores every bit), same export cadence.
+        "checkpoint_bytes_per_save_fp32_moments": before_after(
+            int(ckpt["before"]["bytes"]),
+            int(
+                ckpt["after_fp32_moments"]["bytes"]
+                + shape.export_share * ckpt["after_fp32_moments"]["export_bytes"]
+            ),  # fmt: skip
+        ),
         "exports_per_save": shape.export_share,
+        "moment_bytes": shape.moment_bytes,
         "checkpoint_files": ckpt,
         "checkpointing": {
             "before": "whole model (diffusers' + motion modules)" if before.gradient_checkpointing else "off",

@@ -4,7 +4,8 @@ A training checkpoint is a folder under the run's storage (a local path or an s3
 
     state/                 torch.distributed.checkpoint (DCP): .metadata + one __<rank>_0.distcp per rank
                            model.<name>  the trainable weights (the optimiser's own)
-                           optim.*       AdamW state by parameter name
+                           optim.*       AdamW state by parameter name, its moments in
+                                         train.checkpoint_moments (bf16 by default)
                            ema.<name>    the EMA average (EMA on only)
     model_config.json      the MegActorConfig being trained
     train_config.json      the TrainConfig that wrote it
@@ -70,8 +71,9 @@ CONFIG_FILE = "train_config.json"
 MODEL_CONFIG_FILE = "model_config.json"
 # Model settings that change memory or speed only: a relaunch may change them, all others come from the
 # checkpoint being resumed.
-# Memory settings, not the model: a relaunch may change them.
 RUNTIME_MODEL_FIELDS = ("gradient_checkpointing", "checkpoint_modules", "checkpoint_budget_gb")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's running averages, the state a save may round to bf16
+MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLEMENTATION_FLAGS = ("fused", "foreach")  # AdamW param-group keys that pick a kernel, not the maths
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
@@ -170,15 +172,25 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in _unwrapped(model).named_parameters() if p.requires_grad]
 
 
-def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMAModel | None) -> dict[str, Any]:
+def dcp_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMAModel | None,
+    moments: torch.dtype = torch.float32,
+) -> dict[str, Any]:
     """The DCP state of a run: the trainable weights, the optimiser and the EMA, by parameter name (plain
-    tensors under DDP, this rank's DTensor shards under FSDP2). Loading fills these tensors in place."""
+    tensors under DDP, this rank's DTensor shards under FSDP2). Loading fills these tensors in place
+    (DCP converts a stored bf16 moment into the fp32 one). `moments`: the dtype AdamW's moments are
+    saved in; another than theirs makes copies, so a save holds them apart from the optimiser."""
     names = trainable_names(model)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
-    state: dict[str, Any] = {
-        "model": {name: weights[name] for name in names},
-        "optim": get_optimizer_state_dict(model, optimizer),
+    optim = get_optimizer_state_dict(model, optimizer)
+    # New dicts: the per-parameter ones are the optimiser's own, which must keep its fp32 moments.
+    optim["state"] = {
+        name: {k: v.to(moments) if k in MOMENTS else v for k, v in values.items()}
+        for name, values in optim["state"].items()
     }
+    state: dict[str, Any] = {"model": {name: weights[name] for name in names}, "optim": optim}
     if ema is not None:
         if len(names) != len(ema.shadow_params):
             raise ValueError(f"EMA: {len(names)} trainable weights, {len(ema.shadow_params)} averaged")
@@ -263,7 +275,7 @@ class Checkpointer:
             "process_group": self.group,
             "no_dist": self.group is None,
         }
-        values = dcp_state(model, optimizer, ema)
+        values = dcp_state(model, optimizer, ema, MOMENT_DTYPES[self.config.checkpoint_moments])
         if self.asynchronous:
             upload = dcp.async_save(values, **kwargs)
         else:

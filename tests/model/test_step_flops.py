@@ -39,6 +39,13 @@ def test_tiny_stage_counts_have_the_report_shape_and_the_new_defaults_cost_less(
     assert parts["before"]["bucket_copy"] == parts["before"]["grads"] > 0 == parts["after"]["bucket_copy"]
     assert report["fixed_memory_gb_fsdp"]["total"] < report["fixed_memory_gb_ddp"]["after"]
     assert report["checkpoint_files"]["before"]["writes"] == 2
+    # The stage's checkpoint settings: bf16 AdamW moments, model/ with every third checkpoint.
+    assert (shape.moment_bytes, shape.export_share) == (2, pytest.approx(1 / 3))
+    files = report["checkpoint_files"]
+    fp32_adamw = files["after_fp32_moments"]["files_gb"]["adamw"]
+    assert files["after"]["files_gb"]["adamw"] == pytest.approx(fp32_adamw / 2, rel=2e-3)
+    exact = report["checkpoint_bytes_per_save_fp32_moments"]["after"]
+    assert exact > report["checkpoint_bytes_per_save"]["after"]
     assert report["saved_activation_gb_without_checkpointing"] > report["saved_activation_gb"]["after"] > 0
     choice = report["checkpointing"]["budget_choice"]
     assert choice["chosen"] == [] and choice["units"]  # the tiny step fits 80 GB as it is

@@ -67,14 +67,16 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
 
 
-def _everything(model: nn.Module, trainer) -> dict[str, torch.Tensor]:
-    """Full tensors of the weights, EMA and AdamW state by name (gathers under FSDP2: a collective)."""
+def _everything(model: nn.Module, trainer, moments: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Full tensors of the weights, EMA and AdamW state by name (gathers under FSDP2: a collective); the
+    moments rounded through `moments`, as a checkpoint stores them (bf16 by default)."""
     params, optimizer, _, ema = trainer
     out = {}
     for (name, param), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True):
         out[f"weight/{name}"], out[f"ema/{name}"] = _full(param), _full(shadow)
         for key, value in optimizer.state[param].items():
-            out[f"{key}/{name}"] = _full(value)
+            rounded = key in ("exp_avg", "exp_avg_sq")
+            out[f"{key}/{name}"] = _full(value).to(moments).float() if rounded else _full(value)
     return out
 
 
@@ -102,7 +104,7 @@ def _world_2(rank: int, base: str, phase: str) -> None:
             _steps(model, trainer, 0, 2)
             checkpointer = Checkpointer(NO_EXPORT, rank)  # asynchronous
             checkpointer.save(f"{base}/w2", model, trainer[1], trainer[2], TrainState(step=2), trainer[3])
-            expected = _everything(model, trainer)
+            expected = _everything(model, trainer, torch.bfloat16)
             _steps(model, trainer, 2, 1)  # training goes on while the write runs: not in the checkpoint
             assert not Path(f"{base}/w2/{STATE_FILE}").exists()  # committed only once complete
             checkpointer.close()
@@ -120,7 +122,8 @@ def _world_2(rank: int, base: str, phase: str) -> None:
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(tmp_path: Path) -> None:
-    """FSDP2 at world 2 -> plain at world 1 -> FSDP2 at world 2: weights, EMA and AdamW state exact."""
+    """FSDP2 at world 2 -> plain at world 1 -> FSDP2 at world 2: weights, EMA and AdamW step exact, the
+    AdamW moments exactly their bf16 rounding (the default checkpoint_moments), back in fp32."""
     mp.spawn(_world_2, args=(str(tmp_path), "save"), nprocs=WORLD, join=True)
     assert sorted(p.name for p in (tmp_path / "w2" / STATE_DIR).iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp"
@@ -135,7 +138,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(tmp_path: Path)
     checkpointer = Checkpointer(NO_EXPORT, rank=0)
     checkpointer.save(str(tmp_path / "w1"), model, trainer[1], trainer[2], TrainState(step=3), trainer[3])
     checkpointer.close()
-    torch.save(_everything(model, trainer), tmp_path / "expected-w1.pt")
+    torch.save(_everything(model, trainer, torch.bfloat16), tmp_path / "expected-w1.pt")
     mp.spawn(_world_2, args=(str(tmp_path), "load"), nprocs=WORLD, join=True)
 
 
@@ -187,8 +190,13 @@ def test_a_checkpoint_holds_only_trainable_state_and_exports_model_when_due(
     assert not any(k.split(".", 1)[1].startswith(FROZEN_PREFIXES) for k in saved if "." in k)
     trainable_bytes = sum(p.numel() * p.element_size() for p in params)
     stored = sum(f.stat().st_size for f in (first / STATE_DIR).iterdir())
-    # The weights, 2 AdamW moments and the EMA, plus DCP's record per tensor (a small torch.save archive).
-    assert 4 * trainable_bytes <= stored < 4 * trainable_bytes + 4096 * len(saved)
+    # fp32 weights and EMA, 2 AdamW moments in bf16, plus DCP's record per tensor (a small torch.save
+    # archive): 3 x the fp32 weights where fp32 moments would make it 4.
+    assert 3 * trainable_bytes <= stored < 3 * trainable_bytes + 4096 * len(saved)
+    dtypes = {key: meta.properties.dtype for key, meta in saved.items() if hasattr(meta, "properties")}
+    moments = {key for key in dtypes if key.endswith((".exp_avg", ".exp_avg_sq"))}
+    assert len(moments) == 2 * len(names) and {dtypes[k] for k in moments} == {torch.bfloat16}
+    assert {dtypes[k] for k in dtypes if k.startswith(("model.", "ema."))} == {torch.float32}
 
     # model/ is what model.loading reads: the EMA average for trained tensors, the rest as trained.
     exported = load_file(str(first / MODEL_DIR / "model.safetensors"))

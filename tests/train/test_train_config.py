@@ -37,6 +37,11 @@ def test_tiny_overlay_and_overrides_layer_in_order() -> None:
         (["model.config.reference_blocks=some"], "reference_blocks"),
         (["model.config.not_a_field=1"], "unknown MegActorConfig fields"),
         (["checkpoint_every=0"], "checkpoint_every"),
+        (["checkpoint_moments=fp16"], "checkpoint_moments"),
+        (["export_every=1500"], "not a multiple of checkpoint_every"),
+        # stage 1 keeps 3 checkpoints 1000 steps apart: an export every 4000 would be pruned at 7000
+        (["export_every=4000"], "raise keep_checkpoints to 4"),
+        (["checkpoint_every=500"], "lower export_every"),
     ],
 )
 def test_bad_values_are_one_clear_error(overrides: list[str], message: str) -> None:
@@ -47,3 +52,9 @@ def test_bad_values_are_one_clear_error(overrides: list[str], message: str) -> N
 def test_missing_overlay_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_train_config("stage1", [tmp_path / "nope.yaml"])
+
+
+def test_rarer_exports_are_accepted_while_the_newest_outlives_pruning() -> None:
+    config = load_train_config("stage1", overrides=["export_every=4000", "keep_checkpoints=4"])
+    assert (config.export_every, config.checkpoint_moments) == (4000, "bf16")
+    assert load_train_config("stage1", [CONFIG_DIR / "tiny.yaml"]).export_every == 0

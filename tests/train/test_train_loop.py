@@ -89,9 +89,15 @@ def test_min_snr_weights_stay_finite_at_zero_terminal_snr() -> None:
     )
 
 
-def test_a_resumed_step_equals_the_uninterrupted_one(tiny_model_weights: Path, tmp_path: Path) -> None:
-    """Save after 2 steps, load into a fresh model and optimiser: step 3 gives the same loss and weights."""
-    config = tiny_config(**{"optim.warmup_steps": 4})
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_a_resumed_run_follows_the_uninterrupted_one(
+    moments: str, tiny_model_weights: Path, tmp_path: Path
+) -> None:
+    """Save after 2 steps, load into a fresh model and optimiser, train 3 more steps on both. fp32 moments:
+    every loss and weight the same. bf16 moments (the default): step 3's loss the same (the weights are
+    restored exactly), the moments restored as their bf16 rounding, and the weights' change over the 3
+    steps within 1 % of the uninterrupted run's."""
+    config = tiny_config(**{"optim.warmup_steps": 4, "checkpoint_moments": moments})
     model, params, optimizer, scheduler = setup(tiny_model_weights, config)
     for step in range(2):
         train_step(
@@ -99,22 +105,43 @@ def test_a_resumed_step_equals_the_uninterrupted_one(tiny_model_weights: Path, t
         )
     state = TrainState(step=2, samples_seen=4, seed=0)
     save_training_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, state, config, rank=0)
-    expected = train_step(
-        model, random_batch(2), optimizer, scheduler, params, config, step_generator(0, 0, 2, CPU)
-    )
+    at_save = [p.detach().clone() for p in params]
+    saved_moments = [(optimizer.state[p]["exp_avg"].clone(), optimizer.state[p]["exp_avg_sq"].clone())
+                     for p in params]  # fmt: skip
 
     rebuilt = load_training_model(tiny_model_weights, tmp_path / "ckpt", {})
     fresh, fresh_params, fresh_optimizer, fresh_scheduler = setup(tiny_model_weights, config, rebuilt)
     restored = load_training_state(fresh, fresh_optimizer, fresh_scheduler, tmp_path / "ckpt")
     assert (restored.step, restored.samples_seen) == (2, 4)
-    got = train_step(fresh, random_batch(2), fresh_optimizer, fresh_scheduler, fresh_params, config,
-                     step_generator(0, 0, 2, CPU))  # fmt: skip
-    assert got["lr"] == expected["lr"] < config.optim.lr  # warm-up position restored
-    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-    for (name, a), b in zip(model.named_parameters(), fresh.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6), name
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[moments]
+    for param, (exp_avg, exp_avg_sq) in zip(fresh_params, saved_moments, strict=True):
+        loaded = fresh_optimizer.state[param]
+        assert loaded["exp_avg"].dtype == loaded["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(loaded["exp_avg"], exp_avg.to(dtype).float())
+        assert torch.equal(loaded["exp_avg_sq"], exp_avg_sq.to(dtype).float())
+
+    for step in range(2, 5):
+        expected = train_step(
+            model, random_batch(step), optimizer, scheduler, params, config, step_generator(0, 0, step, CPU)
+        )
+        got = train_step(fresh, random_batch(step), fresh_optimizer, fresh_scheduler, fresh_params, config,
+                         step_generator(0, 0, step, CPU))  # fmt: skip
+        assert got["lr"] == expected["lr"]
+        if step == 2:
+            assert got["lr"] < config.optim.lr  # warm-up position restored
+        if step == 2 or moments == "fp32":
+            assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    change = torch.cat([(p.detach() - s).flatten() for p, s in zip(params, at_save, strict=True)])
+    apart = torch.cat(
+        [(a.detach() - b.detach()).flatten() for a, b in zip(params, fresh_params, strict=True)]
+    )
+    if moments == "fp32":
+        assert all(torch.equal(a, b) for a, b in zip(params, fresh_params, strict=True))
+    else:
+        assert 0 < apart.norm() < 0.01 * change.norm()
     saved = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
     assert saved["optim"]["warmup_steps"] == 4 and (tmp_path / "ckpt" / STATE_FILE).is_file()
+    assert saved["checkpoint_moments"] == moments
 
 
 def test_evaluation_loss_is_deterministic_and_restores_train_mode(tiny_model_weights: Path) -> None:
