@@ -53,7 +53,6 @@ class Run:
     """A model with its trainable parameters, AdamW and LR schedule, stepped on random batches."""
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
-        torch.manual_seed(0)
         self.model, self.config = model, config
         self.params = list(model.trainable_parameters(config.stage).values())
         model.train()
@@ -70,6 +69,7 @@ class Run:
 
 def measure(weights: Path, folder: Path, moments: str, save_at: int, steps: int) -> dict:
     config = load_train_config("stage1", [TINY], ["optim.warmup_steps=4", f"checkpoint_moments={moments}"])
+    torch.manual_seed(0)  # the modules built without pretrained weights start alike for both settings
     original = Run(build_megactor(weights, config.megactor_config()), config)
     for step in range(save_at):
         original.step(step)
