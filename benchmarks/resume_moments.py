@@ -39,16 +39,6 @@ TINY = REPO / "configs" / "train" / "tiny.yaml"
 CPU = torch.device("cpu")
 
 
-def random_batch(seed: int, batch: int = 2, frames: int = 3, size: int = 32) -> MegActorBatch:
-    g = torch.Generator().manual_seed(seed)
-    return MegActorBatch(
-        reference=torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
-        driving=torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
-        background_mask=(torch.rand(batch, 1, size, size, generator=g) > 0.5).float(),
-        target=torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
-    )
-
-
 class Run:
     """A model with its trainable parameters, AdamW and LR schedule, stepped on random batches."""
 
@@ -60,7 +50,7 @@ class Run:
         self.scheduler = make_lr_scheduler(self.optimizer, config.optim.warmup_steps)
 
     def step(self, step: int) -> float:
-        return train_step(self.model, random_batch(step), self.optimizer, self.scheduler, self.params,
+        return train_step(self.model, MegActorBatch.random(step), self.optimizer, self.scheduler, self.params,
                           self.config, step_generator(0, 0, step, CPU))["loss"]  # fmt: skip
 
     def flat(self) -> torch.Tensor:

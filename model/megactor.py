@@ -50,6 +50,18 @@ class MegActorBatch:
     # vae_fingerprint() of the VAE that computed the cached latents; checked against this model's VAE
     latent_vae: str | None = None
 
+    @classmethod
+    def random(cls, seed: int, batch: int = 2, frames: int = 3, size: int = 32) -> MegActorBatch:
+        """Uniform random pixels and a random background mask, the same for the same seed: a batch of
+        the right shapes for tests and benchmarks that need no real data."""
+        g = torch.Generator().manual_seed(seed)
+        return cls(
+            reference=torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
+            driving=torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
+            background_mask=(torch.rand(batch, 1, size, size, generator=g) > 0.5).float(),
+            target=torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
+        )
+
 
 @dataclass
 class MegActorOutput:

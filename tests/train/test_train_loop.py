@@ -48,16 +48,6 @@ def tiny_config(stage: str = "stage1", **overrides: object) -> TrainConfig:
     return load_train_config(stage, [TINY], items)
 
 
-def random_batch(seed: int, batch: int = 2, frames: int = 3, size: int = 32) -> MegActorBatch:
-    g = torch.Generator().manual_seed(seed)
-    return MegActorBatch(
-        reference=torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
-        driving=torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
-        background_mask=(torch.rand(batch, 1, size, size, generator=g) > 0.5).float(),
-        target=torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
-    )
-
-
 def setup(weights: Path, config: TrainConfig, model=None):
     torch.manual_seed(0)
     model = model if model is not None else build_megactor(weights, config.megactor_config())
@@ -67,11 +57,19 @@ def setup(weights: Path, config: TrainConfig, model=None):
     return model, params, optimizer, make_lr_scheduler(optimizer, config.optim.warmup_steps)
 
 
+def take_step(run: tuple, config: TrainConfig, step: int) -> dict:
+    """One training step of (model, params, optimizer, scheduler) on random batch `step`, its noise seeded
+    by the step."""
+    model, params, optimizer, scheduler = run
+    return train_step(model, MegActorBatch.random(step), optimizer, scheduler, params, config,
+                      step_generator(0, 0, step, CPU))  # fmt: skip
+
+
 def test_min_snr_weighting_reduces_to_mse_for_a_huge_gamma(tiny_model_weights: Path) -> None:
     # epsilon: there min(snr, gamma) / snr -> 1 for a huge gamma (v-prediction's weight tends to snr / (snr + 1))
     model, *_ = setup(tiny_model_weights, tiny_config(**{"model.config.prediction_type": "epsilon"}))
     model.eval()
-    batch = random_batch(0)
+    batch = MegActorBatch.random(0)
     with torch.no_grad():
         plain = diffusion_loss(model, batch, None, step_generator(0, 0, 0, CPU))
         huge = diffusion_loss(model, batch, 1e12, step_generator(0, 0, 0, CPU))
@@ -98,11 +96,9 @@ def test_a_resumed_run_follows_the_uninterrupted_one(
     restored exactly), the moments restored as their bf16 rounding, and the weights' change over the 3
     steps within 1 % of the uninterrupted run's."""
     config = tiny_config(**{"optim.warmup_steps": 4, "checkpoint_moments": moments})
-    model, params, optimizer, scheduler = setup(tiny_model_weights, config)
+    model, params, optimizer, scheduler = run = setup(tiny_model_weights, config)
     for step in range(2):
-        train_step(
-            model, random_batch(step), optimizer, scheduler, params, config, step_generator(0, 0, step, CPU)
-        )
+        take_step(run, config, step)
     state = TrainState(step=2, samples_seen=4, seed=0)
     save_training_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, state, config, rank=0)
     at_save = [p.detach().clone() for p in params]
@@ -121,11 +117,8 @@ def test_a_resumed_run_follows_the_uninterrupted_one(
         assert torch.equal(loaded["exp_avg_sq"], exp_avg_sq.to(dtype).float())
 
     for step in range(2, 5):
-        expected = train_step(
-            model, random_batch(step), optimizer, scheduler, params, config, step_generator(0, 0, step, CPU)
-        )
-        got = train_step(fresh, random_batch(step), fresh_optimizer, fresh_scheduler, fresh_params, config,
-                         step_generator(0, 0, step, CPU))  # fmt: skip
+        expected = take_step(run, config, step)
+        got = take_step((fresh, fresh_params, fresh_optimizer, fresh_scheduler), config, step)
         assert got["lr"] == expected["lr"]
         if step == 2:
             assert got["lr"] < config.optim.lr  # warm-up position restored
@@ -146,7 +139,7 @@ def test_a_resumed_run_follows_the_uninterrupted_one(
 
 def test_evaluation_loss_is_deterministic_and_restores_train_mode(tiny_model_weights: Path) -> None:
     model, *_ = setup(tiny_model_weights, tiny_config())
-    batch = random_batch(5)
+    batch = MegActorBatch.random(5)
     first, second = evaluation_loss(model, batch, seed=3), evaluation_loss(model, batch, seed=3)
     assert first == second and model.training
     assert evaluation_loss(model, batch, seed=4) != first
@@ -201,7 +194,9 @@ def test_stage_2_launch_and_relaunch_rebuild_stage_1s_model(tiny_model_weights: 
     first.train()
     optimizer = make_optimizer(params, config.optim)
     scheduler = make_lr_scheduler(optimizer, 0)
-    train_step(first, random_batch(0), optimizer, scheduler, params, config, step_generator(0, 0, 0, CPU))
+    train_step(
+        first, MegActorBatch.random(0), optimizer, scheduler, params, config, step_generator(0, 0, 0, CPU)
+    )
     save_training_checkpoint(
         tmp_path / "ckpt", first, optimizer, scheduler, TrainState(step=1), config, rank=0
     )
@@ -227,9 +222,7 @@ def test_ema_survives_a_checkpoint_round_trip_exactly(tiny_model_weights: Path, 
     model, params, optimizer, scheduler = setup(tiny_model_weights, config)
     ema = make_ema(params, config.ema)
     for step in range(3):
-        train_step(
-            model, random_batch(step), optimizer, scheduler, params, config, step_generator(0, 0, step, CPU)
-        )
+        take_step((model, params, optimizer, scheduler), config, step)
         ema.step(params)
     save_training_checkpoint(
         tmp_path / "ckpt", model, optimizer, scheduler, TrainState(step=3), config, 0, ema
@@ -255,7 +248,7 @@ def test_ema_survives_a_checkpoint_round_trip_exactly(tiny_model_weights: Path, 
         assert torch.equal(a, b) and torch.equal(c, d)
     for m, p, o, s, e in ((model, params, optimizer, scheduler, ema),
                           (fresh, fresh_params, fresh_optimizer, fresh_scheduler, fresh_ema)):  # fmt: skip
-        train_step(m, random_batch(3), o, s, p, config, step_generator(0, 0, 3, CPU))
+        train_step(m, MegActorBatch.random(3), o, s, p, config, step_generator(0, 0, 3, CPU))
         e.step(p)
     for c, d in zip(ema.shadow_params, fresh_ema.shadow_params, strict=True):
         assert torch.allclose(c, d, atol=1e-6)
