@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
+from demo_build import DemoBuild
 from lookalike import (
     REPO,
     STANDARD_BBOX,
@@ -94,11 +97,9 @@ def assert_contract(out: Path) -> list[dict]:
     return samples
 
 
-def test_demo_build_meets_the_contract_and_a_rerun_writes_nothing(tmp_path: Path) -> None:
-    """The default demo, as `make shards` builds it."""
-    out = tmp_path / "out"
-    result = build("--dataset", "demo", "--root", str(tmp_path / "demo"), "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_demo_build_meets_the_contract_and_a_rerun_writes_nothing(default_demo_build: DemoBuild) -> None:
+    """The default demo, as `make shards` builds it (the session's shared build, see tests/conftest.py)."""
+    root, out, result = default_demo_build
     samples = assert_contract(out)
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert sorted(s["__key__"] for s in samples) == sorted(manifest["key"])
@@ -133,7 +134,7 @@ def test_demo_build_meets_the_contract_and_a_rerun_writes_nothing(tmp_path: Path
 
     before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
     started = time.monotonic()
-    again = build("--dataset", "demo", "--root", str(tmp_path / "demo"), "--out", str(out))
+    again = build("--dataset", "demo", "--root", str(root), "--out", str(out))
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == before
     assert "samples written 0, already built" in again.stderr
@@ -141,15 +142,43 @@ def test_demo_build_meets_the_contract_and_a_rerun_writes_nothing(tmp_path: Path
     assert time.monotonic() - started < 60
 
 
-def test_changing_the_recipe_is_refused_unless_overwrite(tmp_path: Path) -> None:
-    args = ["--dataset", "demo", "--root", str(tmp_path / "demo"), "--out", str(tmp_path / "out")]
-    assert build(*args, *SMALL_DEMO).returncode == 0
+class SmallDemo(NamedTuple):
+    root: Path
+    out: Path
+    result: subprocess.CompletedProcess  # the `ray job submit` command's
+
+
+@pytest.fixture(scope="module")
+def small_demo_by_job(tmp_path_factory: pytest.TempPathFactory) -> SmallDemo:
+    """SMALL_DEMO built by `ray job submit --working-dir . -- python jobs/shards.py ...` against a
+    loopback head; the recipe test starts from a copy of it."""
+    base = tmp_path_factory.mktemp("job")
+    root, out = base / "demo", base / "out"
+    with loopback_head(base / "head", 6391, 8271) as (address, env, _):
+        job = [
+            RAY, "job", "submit", "--address", address,
+            "--working-dir", ".", "--", "python", "jobs/shards.py", "--dataset", "demo", "--no-progress",
+            "--root", str(root), "--out", str(out), *SMALL_DEMO,
+        ]  # fmt: skip
+        result = subprocess.run(job, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return SmallDemo(root, out, result)
+
+
+def test_changing_the_recipe_is_refused_unless_overwrite(
+    small_demo_by_job: SmallDemo, tmp_path: Path
+) -> None:
+    assert small_demo_by_job.result.returncode == 0, (
+        "the job's build failed: see test_ray_job_submit_builds_shards"
+    )
+    out = tmp_path / "out"
+    shutil.copytree(small_demo_by_job.out, out)  # a finished SMALL_DEMO build (seed 0), ours to change
+    args = ["--dataset", "demo", "--root", str(small_demo_by_job.root), "--out", str(out)]
     refused = build(*args, *SMALL_DEMO, "seed=1")
     assert refused.returncode == 2 and "another recipe" in refused.stderr and "seed" in refused.stderr
     redone = build(*args, *SMALL_DEMO, "seed=1", "--overwrite")
     assert redone.returncode == 0, redone.stderr[-3000:]
-    assert json.loads((tmp_path / "out" / "build.json").read_text())["recipe"]["seed"] == 1
-    assert_contract(tmp_path / "out")
+    assert json.loads((out / "build.json").read_text())["recipe"]["seed"] == 1
+    assert_contract(out)
 
 
 def test_a_killed_build_resumes_without_duplicates(tmp_path: Path) -> None:
@@ -302,16 +331,9 @@ def test_missing_root_is_one_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
-def test_ray_job_submit_builds_shards(tmp_path: Path) -> None:
+def test_ray_job_submit_builds_shards(small_demo_by_job: SmallDemo) -> None:
     """`ray job submit --working-dir . -- python jobs/shards.py ...` against a loopback head."""
-    with loopback_head(tmp_path / "head", 6391, 8271) as (address, env, _):
-        out = tmp_path / "out"
-        job = [
-            RAY, "job", "submit", "--address", address,
-            "--working-dir", ".", "--", "python", "jobs/shards.py", "--dataset", "demo", "--no-progress",
-            "--root", str(tmp_path / "demo"), "--out", str(out), *SMALL_DEMO,
-        ]  # fmt: skip
-        result = subprocess.run(job, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        assert "succeeded" in result.stdout + result.stderr
-        assert_contract(out)
+    result = small_demo_by_job.result
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "succeeded" in result.stdout + result.stderr
+    assert_contract(small_demo_by_job.out)

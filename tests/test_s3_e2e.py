@@ -216,20 +216,20 @@ def test_training_streams_shards_from_s3_checkpoints_there_and_resumes(s3_demo: 
         "progress=false",
     ]  # fmt: skip
     command = [PYTHON, "jobs/stage1.py", "--config", TINY, *overrides]
-    first = subprocess.run([*command, "max_steps=4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    first = subprocess.run([*command, "max_steps=2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    assert registered_steps(BUCKET, "train/s3run") == [2, 4]
-    # A relaunch with more steps resumes from the step-4 checkpoint on S3.
-    second = subprocess.run([*command, "max_steps=6"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert registered_steps(BUCKET, "train/s3run") == [2]
+    # A relaunch with more steps resumes from the step-2 checkpoint on S3 (mid-epoch: 3 steps per epoch).
+    second = subprocess.run([*command, "max_steps=4"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-    assert registered_steps(BUCKET, "train/s3run")[-1] == 6
+    assert registered_steps(BUCKET, "train/s3run") == [2, 4]
 
     run = f"{storage_path}/s3run"
     log = read_step_log(f"{run}/steps.jsonl")
     starts = [line for line in log if line.get("event") == "start"]
-    assert [s["step"] for s in starts] == [0, 4], "the relaunch did not resume from the S3 checkpoint"
+    assert [s["step"] for s in starts] == [0, 2], "the relaunch did not resume from the S3 checkpoint"
     steps = [line for line in log if "keys" in line]
-    assert [line["step"] for line in steps] == [1, 2, 3, 4, 5, 6]  # continued, none repeated
+    assert [line["step"] for line in steps] == [1, 2, 3, 4]  # continued, none repeated
     # The data position continued: the stream read from S3 gives the same batches for those steps.
     config = load_train_config("stage1", [TINY], overrides)
     expected = {}
@@ -242,7 +242,7 @@ def test_training_streams_shards_from_s3_checkpoints_there_and_resumes(s3_demo: 
 
     objects = object_keys(BUCKET, "train/s3run/")
     assert any(
-        k.startswith("train/s3run/checkpoint_0000006/") and k.endswith("model.safetensors") for k in objects
+        k.startswith("train/s3run/checkpoint_0000004/") and k.endswith("model.safetensors") for k in objects
     )
     assert any("/tensorboard/events.out.tfevents" in k for k in objects), objects
     assert "train/s3run/validation/step_0000004.mp4" in objects, objects
@@ -258,7 +258,7 @@ def test_stage_2_starts_from_the_stage_1_checkpoint_on_s3(s3: str, tmp_path: Pat
         pytest.skip("needs the training run of the test above")
     config = load_train_config("stage2", [TINY], [f"storage_path={s3}/train", "model.init_from=s3run"])
     config = prepare(config)
-    assert config.model.init_from == f"{s3}/train/s3run/checkpoint_0000006/model"
+    assert config.model.init_from == f"{s3}/train/s3run/checkpoint_0000004/model"
     model = build_model(config)
     storage.download_tree(config.model.init_from, tmp_path)
     saved = load_file(tmp_path / "model.safetensors")

@@ -7,24 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from demo_build import DemoBuild
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.fixture(scope="session")
-def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`make shards` for the demo dataset: OUT/shards (the mix) and OUT/gaze/shards (the gaze subset)."""
-    base = tmp_path_factory.mktemp("demo")
-    out = base / "out"
-    commands = [
-        ["build", "--no-progress", "--dataset", "demo", "--root", str(base / "data"), "--out", str(out)],
-        ["select", "--out", str(out), "--train-config", "configs/train/tiny.yaml"],  # as make shards does
-    ]
-    for args in commands:
-        result = subprocess.run(
-            [sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=900
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+def demo_out(default_demo_build: DemoBuild) -> Path:
+    """`make shards` for the demo dataset: OUT/shards (the mix) and OUT/gaze/shards (the gaze subset).
+    The build is the session's shared default demo (tests/conftest.py); select runs as make shards does."""
+    out = default_demo_build.out
+    select = ["select", "--out", str(out), "--train-config", "configs/train/tiny.yaml"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *select], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     assert list((out / "gaze" / "shards").glob("*.tar")), "the demo gaze subset is empty"
     return out
 

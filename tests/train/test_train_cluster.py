@@ -4,6 +4,7 @@ restarts the worker group from that checkpoint with the data position continued.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -32,6 +33,14 @@ def worker_nodes(env: dict[str, str]) -> dict[str, set[str]]:
     return nodes
 
 
+def logged_a_step(run_dir: Path) -> bool:
+    """Rank 0 has written a step line to the step log (a line being written counts once it is whole)."""
+    try:
+        return any("loss" in line for line in read_step_log(run_dir))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def test_two_node_training_survives_losing_a_node(
     demo_out: Path, tiny_model_weights: Path, tmp_path: Path
 ) -> None:
@@ -53,11 +62,12 @@ def test_two_node_training_survives_losing_a_node(
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 300
-            before: dict[str, set[str]] = {}
-            while time.monotonic() < deadline and before.get("ALIVE") != {cluster.head_id, cluster.node2_id}:
+            # A logged step means both workers are up (a DDP step needs both ranks); only then ask Ray where
+            # they sit: each state-API probe is a driver process of its own, too costly to poll with.
+            while time.monotonic() < deadline and not logged_a_step(run_dir):
                 assert driver.poll() is None, (tmp_path / "train.log").read_text()[-4000:]
-                before = worker_nodes(cluster.env)
-                time.sleep(0.5)
+                time.sleep(0.2)
+            before = worker_nodes(cluster.env)
             assert before.get("ALIVE") == {cluster.head_id, cluster.node2_id}, before  # one worker per node
             while time.monotonic() < deadline and not registered_steps(run_dir):
                 assert driver.poll() is None, (tmp_path / "train.log").read_text()[-4000:]
