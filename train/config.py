@@ -151,8 +151,8 @@ class TrainConfig:
     # checkpoint; 0: with every checkpoint. The last step always exports.
     export_every: int = 0
     # dtype of the AdamW moments in a checkpoint's state/ (training keeps them fp32): bf16 halves the
-    # largest part of a save; a resume then restarts them rounded within 0.4 %, forgotten within a few
-    # hundred steps. fp32: a resume restores every bit.
+    # largest part of a save; a resume then restarts them rounded within 0.4 %, which the first moment
+    # forgets within dozens of steps and the second within thousands. fp32: a resume restores every bit.
     checkpoint_moments: str = "bf16"
     log_every: int = 10
     mixed_precision: str = "bf16"  # autocast dtype of the UNets; weights and optimiser stay fp32
