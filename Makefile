@@ -124,7 +124,7 @@ ray-down: ## stop the head that ray-up started (that process group only)
 	$(BIN)/python scripts/local_ray.py down --state $(RAY_STATE)
 
 test: setup ## run every test, the slow end-to-end ones included (the README tour: make tour-check)
-	$(BIN)/python -m pytest -m "not tour and not own_process" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not tour and not own_process" --durations=25 $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -m own_process $(PYTEST_ARGS)
 
 tour-check: setup ## run the README's CPU tour as printed on a fresh copy of the repository (about 10 minutes)
