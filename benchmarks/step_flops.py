@@ -315,6 +315,11 @@ def checkpoint_bytes(params: dict[str, int], lean: bool, ema: bool, moment_bytes
     }
 
 
+def per_save(files: dict, export_share: float) -> int:
+    """Bytes of a checkpoint_bytes() result per save when `export_share` of the saves also export."""
+    return int(files["bytes"] + export_share * files["export_bytes"])
+
+
 # --- the stages --------------------------------------------------------------------------------------------
 def stage_configs(stage: str) -> tuple[MegActorConfig, MegActorConfig, StageShape]:
     """(before, after) model configs of a stage, and its sample shape, from configs/train/<stage>.yaml."""
@@ -410,6 +415,7 @@ def count_stage(
         "after": checkpoint_bytes(params, lean=True, ema=ema, moment_bytes=shape.moment_bytes),
         "after_fp32_moments": checkpoint_bytes(params, lean=True, ema=ema),
     }
+    saved_before = int(ckpt["before"]["bytes"])
     tflop = lambda f: f / 1e12  # noqa: E731
     return {
         "frames": shape.frames,
@@ -431,23 +437,12 @@ def count_stage(
         "fixed_memory_gb_fsdp": {"ranks": ranks, **fsdp},
         "peak_estimate_ddp_after": peak_estimate_bytes(new, fixed["after"]["total"], headroom_gb),
         # Mean over saves at the stage's export cadence; the two kinds of save apart below.
-        "checkpoint_bytes_per_save": before_after(
-            int(ckpt["before"]["bytes"]),
-            int(ckpt["after"]["bytes"] + shape.export_share * ckpt["after"]["export_bytes"]),
-        ),
-        "checkpoint_bytes_per_save_without_export": before_after(
-            int(ckpt["before"]["bytes"]), int(ckpt["after"]["bytes"])
-        ),
-        "checkpoint_bytes_per_save_with_export": before_after(
-            int(ckpt["before"]["bytes"]), int(ckpt["after"]["bytes"] + ckpt["after"]["export_bytes"])
-        ),
+        "checkpoint_bytes_per_save": before_after(saved_before, per_save(ckpt["after"], shape.export_share)),
+        "checkpoint_bytes_per_save_without_export": before_after(saved_before, per_save(ckpt["after"], 0)),
+        "checkpoint_bytes_per_save_with_export": before_after(saved_before, per_save(ckpt["after"], 1)),
         # checkpoint_moments: fp32 (a resume restores every bit), same export cadence.
         "checkpoint_bytes_per_save_fp32_moments": before_after(
-            int(ckpt["before"]["bytes"]),
-            int(
-                ckpt["after_fp32_moments"]["bytes"]
-                + shape.export_share * ckpt["after_fp32_moments"]["export_bytes"]
-            ),  # fmt: skip
+            saved_before, per_save(ckpt["after_fp32_moments"], shape.export_share)
         ),
         "exports_per_save": shape.export_share,
         "moment_bytes": shape.moment_bytes,
