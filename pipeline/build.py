@@ -291,6 +291,11 @@ def _build_locked(
         if any(stage.name == "swap" for stage in config.stages):
             stage_context["bank_path"] = str(_identity_bank(manifest, config, out, weights_dir))
         failures += _run_dag(todo, config, shards_dir, progress, fence, stage_context)
+        # A writer killed with its node after writing its temp file (Ray ran it again elsewhere) leaves
+        # that file behind; no writer of this run is left to commit it.
+        orphans = remove_uncommitted(shards_dir)
+        if orphans:
+            log.info("removed %d uncommitted file(s) left by writers on lost workers", len(orphans))
     index, failure_frame = _finish_outputs(out, shards_dir, failures)
     stats = read_stats(shards_dir)
     new_stats = [s for s in stats if s["shard"] not in stats_before]
@@ -371,28 +376,45 @@ def _run_dag(
         shared["WEIGHTS_DIR"] = str(Path(stage_context["weights_dir"]).resolve())
     check_nodes_see(shared, shards_dir)
     failures: list[dict[str, str]] = []
-    seen: set[str] = set()
-    dataset = build_dataset(todo, config, shards_dir, fence, stage_context)
-    with logs.progress(len(todo), "shards", "sample", enabled=progress) as bar:
-        for row in dataset.iter_rows():
-            seen.add(str(row["key"]))
-            if row["status"] == "failed":
-                failures.append(
-                    {
-                        "clip_id": row["clip_id"],
-                        "dataset": row["dataset"],
-                        "key": row["key"],
-                        "stage": row["error_stage"],
-                        "error": row["error"],
-                        "message": row["message"],
-                    }
-                )
-            bar.update(1)
     retries = max((stage.max_task_retries for stage in config.stages), default=0)
-    for row in todo[~todo["key"].isin(seen)].to_dict("records"):
+    passes = config.lost_row_passes + 1
+    left = todo
+    with logs.progress(len(todo), "shards", "sample", enabled=progress) as bar:
+        for number in range(1, passes + 1):
+            if number > 1:
+                log.warning(
+                    "%d sample(s) lost their batch after %d tr%s (its actor died: a lost node, a crash, an "
+                    "OOM kill); building them again, pass %d of %d",
+                    len(left), retries + 1, "y" if retries == 0 else "ies", number, passes,
+                )  # fmt: skip
+            seen: set[str] = set()
+            # A later pass starts its pools at one actor each: a lost node's share may never come back.
+            dataset = build_dataset(left, config, shards_dir, fence, stage_context, elastic=number > 1)
+            for row in dataset.iter_rows():
+                seen.add(str(row["key"]))
+                if row["status"] == "failed":
+                    failures.append(
+                        {
+                            "clip_id": row["clip_id"],
+                            "dataset": row["dataset"],
+                            "key": row["key"],
+                            "stage": row["error_stage"],
+                            "error": row["error"],
+                            "message": row["message"],
+                        }
+                    )
+                bar.update(1)
+            left = left[~left["key"].isin(seen)]
+            if left.empty:
+                break
+            # A writer whose reply was lost may still have committed its samples.
+            left = left[~left["key"].isin(committed_keys(shards_dir))].reset_index(drop=True)
+            if left.empty:
+                break
+    for row in left.to_dict("records"):
         message = (
-            f"its batch failed {retries + 1} times (the actor died: a crash, CUDA or host OOM; or an error "
-            "outside the per-row guard); the Ray worker logs have the cause"
+            f"its batch failed {retries + 1} times in each of {passes} pass(es) (the actor died: a crash, "
+            "CUDA or host OOM; or an error outside the per-row guard); the Ray worker logs have the cause"
         )
         failures.append(
             {"clip_id": row["clip_id"], "dataset": row["dataset"], "key": row["key"], "stage": "annotators",

@@ -117,6 +117,11 @@ class BuildConfig:
     seed: int = 0
     samples_per_shard: int = 64
     max_failure_fraction: float = 0.1  # above it the run exits non-zero (its shards stay committed)
+    # Passes again over the rows whose batch was lost (its actor died: a node lost mid-build, a crash, an
+    # OOM kill, each already retried max_task_retries times) before they become task_failed rows. A lost
+    # node burns a batch's retries in seconds, before Ray declares the node dead; a new pass sizes its
+    # pools to what is left. A clip that kills its actor every time costs one more round of retries.
+    lost_row_passes: int = 1
     num_cpus: int | None = None  # local Ray only; None = every core
     task_num_cpus: float = 1.0  # CPUs each decode / encode / write task reserves
     # On a cluster (RAY_ADDRESS): seconds a Ray pass waits for the CPUs / GPUs it asks for to appear (an
@@ -149,6 +154,8 @@ class BuildConfig:
             raise ValueError(f"mix shares must be >= 0 and sum to 1, got {self.mix}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.lost_row_passes < 0:
+            raise ValueError(f"lost_row_passes must be >= 0, got {self.lost_row_passes}")
         if self.task_num_cpus <= 0:
             raise ValueError(f"task_num_cpus must be > 0, got {self.task_num_cpus}")
         if self.resource_wait_s < 0:

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -168,10 +168,13 @@ def _cpu_fix(need: float, what: str) -> str:
     return f"num_cpus={math.ceil(need)} (local Ray's CPU count), or lower {what}"
 
 
-def dag_demand(config: BuildConfig) -> Demand:
-    """The DAG's reservation: every actor pool of plan_pools at full size plus one CPU task, or Ray Data
-    waits for a task slot forever."""
+def dag_demand(config: BuildConfig, elastic: bool = False) -> Demand:
+    """The DAG's reservation: every actor pool of plan_pools at full size (one actor each when
+    `elastic`: the pools grow into what is free) plus one CPU task, or Ray Data waits for a task slot
+    forever."""
     pools = plan_pools(config)
+    if elastic:
+        pools = [replace(p, size=1) for p in pools]
     total = {
         "CPU": round(sum(p.num_cpus * p.size for p in pools) + config.task_num_cpus, 6),
         "GPU": round(sum(p.num_gpus * p.size for p in pools), 6),
@@ -191,15 +194,19 @@ def dag_demand(config: BuildConfig) -> Demand:
 
 
 def check_resources(
-    config: BuildConfig, available: dict[str, float] | list[dict[str, float]] | None = None
+    config: BuildConfig,
+    available: dict[str, float] | list[dict[str, float]] | None = None,
+    elastic: bool = False,
 ) -> None:
     """The DAG's actor pools plus one task must fit the cluster (pipeline/resources.py: an error locally,
-    a bounded wait on a cluster). `available`: one node's or each node's resources; None reads Ray's."""
+    a bounded wait on a cluster). `available`: one node's or each node's resources; None reads Ray's.
+    `elastic`: pools of one actor each suffice (see annotate)."""
+    demand = dag_demand(config, elastic)
     if available is None:
-        require(dag_demand(config), config.resource_wait_s)
+        require(demand, config.resource_wait_s)
         return
     nodes = [available] if isinstance(available, dict) else available
-    require(dag_demand(config), config.resource_wait_s, nodes=lambda: nodes)
+    require(demand, config.resource_wait_s, nodes=lambda: nodes)
 
 
 def stage_kwargs(stage_cls: type, options: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -221,14 +228,23 @@ def _pool_udf(pool: Pool, context: dict[str, Any]) -> tuple[type, dict[str, Any]
     return StageChain, {"members": members, "gpu_share": pool.num_gpus}
 
 
-def annotate(ds: ray.data.Dataset, config: BuildConfig, context: dict[str, Any]) -> ray.data.Dataset:
-    """The annotator pools of plan_pools applied to decoded rows."""
+def annotate(
+    ds: ray.data.Dataset, config: BuildConfig, context: dict[str, Any], elastic: bool = False
+) -> ray.data.Dataset:
+    """The annotator pools of plan_pools applied to decoded rows. `elastic`: each pool starts with one
+    actor and grows up to its size as the cluster allows (a pass after a node was lost), instead of
+    asking for its full size."""
     for pool in plan_pools(config):
         udf, kwargs = _pool_udf(pool, context)
+        compute = (
+            ActorPoolStrategy(min_size=1, max_size=pool.size)
+            if elastic
+            else ActorPoolStrategy(size=pool.size)
+        )
         ds = map_on_actor_pool(
             ds,
             udf,
-            ActorPoolStrategy(size=pool.size),
+            compute,
             batch_size=pool.batch_size,
             num_gpus=pool.num_gpus,
             num_cpus=pool.num_cpus,
@@ -244,11 +260,13 @@ def build_dataset(
     shards_dir: str,
     fence: tuple[str, str] | None = None,
     stage_context: dict[str, Any] | None = None,
+    elastic: bool = False,
 ) -> ray.data.Dataset:
     """The lazy Dataset of writer status rows (one per manifest row) for the rows to build.
 
     `fence` (lock file, run id) stops writers orphaned by a killed build from committing later;
-    `stage_context` holds what stages may ask for in their constructor (weights_dir, bank_path).
+    `stage_context` holds what stages may ask for in their constructor (weights_dir, bank_path);
+    `elastic`: actor pools start at one actor (see annotate).
     """
     rows = manifest.assign(error_stage="", error="", message="", timings="{}", annotations="[]")
     # A batch whose retries ran out (its actor kept dying) is dropped instead of failing the whole run;
@@ -256,10 +274,10 @@ def build_dataset(
     ray.data.DataContext.get_current().max_errored_blocks = max(1, len(rows))
     # One block per segment: the writer bundles `samples_per_shard` of them into each task.
     ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows)))
-    check_resources(config)
+    check_resources(config, elastic=elastic)
     task_cpus = config.task_num_cpus
     ds = ds.map(_decode_step(config), num_cpus=task_cpus)
-    ds = annotate(ds, config, stage_context or {})
+    ds = annotate(ds, config, stage_context or {}, elastic)
     ds = ds.map(_encode_step(config), num_cpus=task_cpus).map(as_writer_row, num_cpus=task_cpus)
     return ds.map_batches(
         write_shard_batch,

@@ -56,11 +56,13 @@ class NodePorts:
         ]  # fmt: skip
 
 
-# This project's test range: GCS 6440-6449, dashboard 8440-8449, everything else 10440-10499.
+# This project's test range: GCS 6440-6449, dashboard 8440-8449, everything else 10440-10599. Every
+# worker and every driver (the tests' probes too) holds a port of its node's worker range while it lives:
+# the head's 15 ports once ran out mid-build ("No available ports"), so the head has 50.
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 6440, 8440, 10440
-HEAD_PORTS = NodePorts(10441, 10442, 10443, 10444, 10445, 10446, 10460, 10474)
-NODE2_PORTS = NodePorts(10447, 10448, 10449, 10450, 10451, 10452, 10475, 10489)
-SPARE_PORTS = NodePorts(10453, 10454, 10455, 10456, 10457, 10458, 10490, 10499)
+HEAD_PORTS = NodePorts(10441, 10442, 10443, 10444, 10445, 10446, 10500, 10549)
+NODE2_PORTS = NodePorts(10447, 10448, 10449, 10450, 10451, 10452, 10550, 10579)
+SPARE_PORTS = NodePorts(10453, 10454, 10455, 10456, 10457, 10458, 10580, 10599)
 
 
 @dataclasses.dataclass

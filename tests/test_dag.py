@@ -23,6 +23,17 @@ def test_actor_pools_that_leave_no_room_for_tasks_are_refused(monkeypatch: pytes
         check_resources(gpu, {"CPU": 8.0})
 
 
+def test_a_later_pass_needs_one_actor_per_pool_not_the_full_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a node is lost the rows it held are built again on what is left: one actor per pool."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = BuildConfig(stages=[StageConfig("gaze", num_cpus=1.5, pool_size=2)], task_num_cpus=0.5)
+    with pytest.raises(ValueError, match="CPU: need 3.5, cluster has 2"):
+        check_resources(config, {"CPU": 2.0})
+    check_resources(config, {"CPU": 2.0}, elastic=True)
+    with pytest.raises(ValueError, match="lost_row_passes must be >= 0"):
+        BuildConfig(lost_row_passes=-1).validate()
+
+
 def test_on_a_cluster_a_shortfall_warns_then_errors_after_resource_wait_s(
     monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
