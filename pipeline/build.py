@@ -181,6 +181,8 @@ def _identity_bank(manifest: pd.DataFrame, config: BuildConfig, out: str, weight
         size=swap.pool_size,
         num_cpus=swap.num_cpus,
         num_gpus=swap.num_gpus,
+        max_task_retries=swap.max_task_retries,
+        lost_row_passes=config.lost_row_passes,
         resource_wait_s=config.resource_wait_s,
     )
     init_ray(config.num_cpus)

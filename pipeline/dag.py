@@ -47,6 +47,12 @@ def map_on_actor_pool(
         return ds.map_batches(udf, compute=compute, max_task_retries=max_task_retries, **kwargs)
 
 
+def pool_strategy(size: int, elastic: bool = False) -> ActorPoolStrategy:
+    """A pool of `size` actors; `elastic`: one to start with, growing to `size` as the cluster allows (a
+    pass after a node was lost: the lost node's share may never come back)."""
+    return ActorPoolStrategy(min_size=1, max_size=size) if elastic else ActorPoolStrategy(size=size)
+
+
 def init_ray(num_cpus: int | None, log_to_driver: bool = False) -> None:
     """Join RAY_ADDRESS's cluster (or the job's), else start a private local Ray on loopback.
 
@@ -231,20 +237,13 @@ def _pool_udf(pool: Pool, context: dict[str, Any]) -> tuple[type, dict[str, Any]
 def annotate(
     ds: ray.data.Dataset, config: BuildConfig, context: dict[str, Any], elastic: bool = False
 ) -> ray.data.Dataset:
-    """The annotator pools of plan_pools applied to decoded rows. `elastic`: each pool starts with one
-    actor and grows up to its size as the cluster allows (a pass after a node was lost), instead of
-    asking for its full size."""
+    """The annotator pools of plan_pools applied to decoded rows (`elastic`: see pool_strategy)."""
     for pool in plan_pools(config):
         udf, kwargs = _pool_udf(pool, context)
-        compute = (
-            ActorPoolStrategy(min_size=1, max_size=pool.size)
-            if elastic
-            else ActorPoolStrategy(size=pool.size)
-        )
         ds = map_on_actor_pool(
             ds,
             udf,
-            compute,
+            pool_strategy(pool.size, elastic),
             batch_size=pool.batch_size,
             num_gpus=pool.num_gpus,
             num_cpus=pool.num_cpus,

@@ -180,15 +180,18 @@ class BankPool:
     num_gpus: float = 0.0
     batch_size: int = 8  # identities per actor call
     max_task_retries: int = 2
+    lost_row_passes: int = 1  # passes again over identities whose batch was lost (BuildConfig's)
     stage: str = "swap"  # whose resources these are, for the messages
     resource_wait_s: float = 600.0  # on a cluster: how long to wait for them (BuildConfig.resource_wait_s)
 
-    def demand(self) -> Demand:
-        """The pass's reservation, checked before it starts (pipeline/resources.py)."""
+    def demand(self, elastic: bool = False) -> Demand:
+        """The pass's reservation, checked before it starts (pipeline/resources.py); `elastic`: a pool
+        that starts at one actor (pipeline.dag.pool_strategy)."""
         keys = f"the {self.stage} stage's num_cpus / num_gpus / pool_size"
-        total = {"CPU": round(self.num_cpus * self.size, 6), "GPU": round(self.num_gpus * self.size, 6)}
+        size = 1 if elastic else self.size
+        total = {"CPU": round(self.num_cpus * size, 6), "GPU": round(self.num_gpus * size, 6)}
         return Demand(
-            what=f"the identity-bank pass (stage {self.stage}: {self.size} x ({self.num_cpus:g} CPU + "
+            what=f"the identity-bank pass (stage {self.stage}: {size} x ({self.num_cpus:g} CPU + "
             f"{self.num_gpus:g} GPU))",
             total=total,
             per_actor={"CPU": self.num_cpus, "GPU": self.num_gpus},
@@ -239,19 +242,47 @@ class IdentityEmbedder:
 
 
 def _embed_on_ray(jobs: list[tuple[str, pd.DataFrame]], embedder: dict, pool: BankPool) -> dict[str, dict]:
-    """{identity: entry} from a Ray Data pass over the identities (Ray must be initialised)."""
+    """{identity: entry} from Ray Data passes over the identities (Ray must be initialised). Identities
+    whose batch was lost (its actor died on every try: a lost node, an OOM kill) are embedded again by up
+    to `pool.lost_row_passes` more passes on a pool that starts at one actor; any still missing is an error."""
+    entries: dict[str, dict] = {}
+    left = jobs
+    passes = pool.lost_row_passes + 1
+    for number in range(1, passes + 1):
+        if number > 1:
+            log.warning(
+                "%d identities lost their batch (its actor died: a lost node, a crash, an OOM kill); "
+                "embedding them again, pass %d of %d",
+                len(left), number, passes,
+            )  # fmt: skip
+        entries.update(_embed_pass(left, embedder, pool, elastic=number > 1))
+        left = [(identity, segments) for identity, segments in left if identity not in entries]
+        if not left:
+            return entries
+    missing = [identity for identity, _ in left]
+    raise RuntimeError(
+        f"the identity-bank pass returned no row for {len(missing)} identities in {passes} passes: "
+        f"{missing[:5]}; the Ray worker logs have the cause"
+    )
+
+
+def _embed_pass(
+    jobs: list[tuple[str, pd.DataFrame]], embedder: dict, pool: BankPool, elastic: bool
+) -> dict[str, dict]:
+    """One Ray Data pass; a batch whose actor died on every try is dropped (the caller retries it)."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from pipeline.dag import map_on_actor_pool
+    from pipeline.dag import map_on_actor_pool, pool_strategy
 
-    require(pool.demand(), pool.resource_wait_s)
+    require(pool.demand(elastic), pool.resource_wait_s)
     items = [{"identity": identity, "segments": pickle.dumps(segments)} for identity, segments in jobs]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pool.batch_size)))
+    blocks = max(1, -(-len(items) // pool.batch_size))
+    ray.data.DataContext.get_current().max_errored_blocks = blocks
+    dataset = ray.data.from_items(items, override_num_blocks=blocks)
     embedded = map_on_actor_pool(  # a lost actor (node loss, OOM) is replaced, its tasks retried
         dataset,
         IdentityEmbedder,
-        ActorPoolStrategy(size=pool.size),
+        pool_strategy(pool.size, elastic),
         pool.max_task_retries,
         fn_constructor_kwargs={**embedder, "gpu_share": pool.num_gpus},
         batch_size=pool.batch_size,
@@ -269,11 +300,6 @@ def _embed_on_ray(jobs: list[tuple[str, pd.DataFrame]], embedder: dict, pool: Ba
             "embedding": mean,
             "normed": (mean / norm).astype(np.float32) if len(mean) else np.zeros(0, np.float32),
         }
-    missing = sorted({identity for identity, _ in jobs} - set(entries))
-    if missing:
-        raise RuntimeError(
-            f"the identity-bank pass returned no row for {len(missing)} identities: {missing[:5]}"
-        )
     return entries
 
 

@@ -69,3 +69,20 @@ def main(root: str, out: str, crashes: str, max_task_retries: str) -> None:
     (Path(out) / "crash_summary.json").write_text(
         json.dumps({"written": summary.written, "failed": summary.failed_clips})
     )
+
+
+def crashing_embedder(identity: str, attempts: Path) -> type:
+    """An IdentityEmbedder that kills its process on the first try of a batch holding `identity` (tries
+    counted as lines in `attempts`), as an OOM kill or a lost node would; later tries embed as usual."""
+    from pipeline.identity_bank import IdentityEmbedder
+
+    class CrashingEmbedder(IdentityEmbedder):
+        def __call__(self, batch: dict) -> dict:
+            if identity in [str(i) for i in batch["identity"]]:
+                with attempts.open("a") as f:
+                    f.write("try\n")
+                if len(attempts.read_text().splitlines()) == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(batch)
+
+    return CrashingEmbedder

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -192,3 +194,42 @@ def test_the_ray_data_pass_gives_the_driver_side_bank(bank_and_path, manifest, b
         for a, b in zip(pooled[column], bank[column], strict=True):
             assert np.asarray(a).dtype == np.float32 and np.array_equal(np.asarray(a), np.asarray(b))
     assert (pooled["frames_used"] > 0).sum() == 3
+
+
+def test_identities_whose_batch_was_lost_are_embedded_by_a_second_pass(
+    bank_and_path, manifest, bank_weights, tmp_path, monkeypatch
+):
+    """No retries: the actor killed on the first try loses its batch; the second pass (on a pool that
+    starts at one actor) embeds it, and the bank equals the driver-side one."""
+    import crash_stage
+    import ray
+
+    from pipeline import identity_bank
+    from pipeline.dag import init_ray
+    from pipeline.identity_bank import BankPool
+
+    bank, _ = bank_and_path
+    attempts = tmp_path / "attempts"
+    ray.cloudpickle.register_pickle_by_value(crash_stage)  # workers cannot import tests/
+    victim = str(bank["identity"][0])
+    monkeypatch.setattr(identity_bank, "IdentityEmbedder", crash_stage.crashing_embedder(victim, attempts))
+    init_ray(2)
+    try:
+        pool = BankPool(size=2, num_cpus=0.5, batch_size=2, max_task_retries=0)
+        pooled = build_identity_bank(
+            manifest, RESOLUTION, 1.8, bank_weights, tmp_path / "identities.parquet", device="cpu", pool=pool
+        )
+        tries = len(attempts.read_text().splitlines())
+        attempts.unlink()
+        with pytest.raises(RuntimeError, match=r"no row for \d+ identities in 1 passes"):
+            build_identity_bank(
+                manifest, RESOLUTION, 1.8, bank_weights, tmp_path / "none.parquet", device="cpu",
+                pool=dataclasses.replace(pool, lost_row_passes=0),
+            )  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert tries == 2  # killed once, embedded by the second pass
+    columns = ["identity", "dataset", "clip_id", "frames_used", "skip_reason", "arcface_weights"]
+    pd.testing.assert_frame_equal(pooled[columns], bank[columns])
+    for a, b in zip(pooled["normed"], bank["normed"], strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
