@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -142,16 +141,10 @@ def test_demo_build_meets_the_contract_and_a_rerun_writes_nothing(default_demo_b
     assert time.monotonic() - started < 60
 
 
-class SmallDemo(NamedTuple):
-    root: Path
-    out: Path
-    result: subprocess.CompletedProcess  # the `ray job submit` command's
-
-
 @pytest.fixture(scope="module")
-def small_demo_by_job(tmp_path_factory: pytest.TempPathFactory) -> SmallDemo:
+def small_demo_by_job(tmp_path_factory: pytest.TempPathFactory) -> DemoBuild:
     """SMALL_DEMO built by `ray job submit --working-dir . -- python jobs/shards.py ...` against a
-    loopback head; the recipe test starts from a copy of it."""
+    loopback head (`result`: the job command's); the recipe test starts from a copy of it."""
     base = tmp_path_factory.mktemp("job")
     root, out = base / "demo", base / "out"
     with loopback_head(base / "head", 6391, 8271) as (address, env, _):
@@ -161,11 +154,11 @@ def small_demo_by_job(tmp_path_factory: pytest.TempPathFactory) -> SmallDemo:
             "--root", str(root), "--out", str(out), *SMALL_DEMO,
         ]  # fmt: skip
         result = subprocess.run(job, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    return SmallDemo(root, out, result)
+    return DemoBuild(root, out, result)
 
 
 def test_changing_the_recipe_is_refused_unless_overwrite(
-    small_demo_by_job: SmallDemo, tmp_path: Path
+    small_demo_by_job: DemoBuild, tmp_path: Path
 ) -> None:
     assert small_demo_by_job.result.returncode == 0, (
         "the job's build failed: see test_ray_job_submit_builds_shards"
@@ -331,7 +324,7 @@ def test_missing_root_is_one_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
-def test_ray_job_submit_builds_shards(small_demo_by_job: SmallDemo) -> None:
+def test_ray_job_submit_builds_shards(small_demo_by_job: DemoBuild) -> None:
     """`ray job submit --working-dir . -- python jobs/shards.py ...` against a loopback head."""
     result = small_demo_by_job.result
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

@@ -20,6 +20,7 @@ from model.megactor import FROZEN_PREFIXES
 from train.checkpoint import (
     MODEL_CONFIG_FILE,
     MODEL_DIR,
+    MOMENTS,
     STATE_DIR,
     STATE_FILE,
     Checkpointer,
@@ -75,7 +76,7 @@ def _everything(model: nn.Module, trainer, moments: torch.dtype = torch.float32)
     for (name, param), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True):
         out[f"weight/{name}"], out[f"ema/{name}"] = _full(param), _full(shadow)
         for key, value in optimizer.state[param].items():
-            rounded = key in ("exp_avg", "exp_avg_sq")
+            rounded = key in MOMENTS
             out[f"{key}/{name}"] = _full(value).to(moments).float() if rounded else _full(value)
     return out
 

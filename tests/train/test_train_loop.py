@@ -16,6 +16,7 @@ from model.megactor import MegActorBatch
 from train.checkpoint import (
     CONFIG_FILE,
     MODEL_DIR,
+    MOMENT_DTYPES,
     STATE_FILE,
     latest_checkpoint,
     load_training_model,
@@ -109,7 +110,7 @@ def test_a_resumed_run_follows_the_uninterrupted_one(
     fresh, fresh_params, fresh_optimizer, fresh_scheduler = setup(tiny_model_weights, config, rebuilt)
     restored = load_training_state(fresh, fresh_optimizer, fresh_scheduler, tmp_path / "ckpt")
     assert (restored.step, restored.samples_seen) == (2, 4)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[moments]
+    dtype = MOMENT_DTYPES[moments]
     for param, (exp_avg, exp_avg_sq) in zip(fresh_params, saved_moments, strict=True):
         loaded = fresh_optimizer.state[param]
         assert loaded["exp_avg"].dtype == loaded["exp_avg_sq"].dtype == torch.float32
